@@ -1,0 +1,270 @@
+"""The HTTP front door: each shopper action is one Lua call in Redis, nothing else.
+
+The order path (``POST /v1/sales/{id}/orders``) makes exactly one Redis round trip and never
+touches Postgres: the token is verified locally (and cached), the body is parsed with orjson,
+and ``inventory.reserve`` runs one EVALSHA on a pooled connection.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from engine import inventory
+from engine.auth import TokenVerifier
+from engine.db import connect_redis
+from engine.errors import (
+    BadRequest,
+    Conflict,
+    NotFound,
+    PayloadTooLarge,
+    ProblemError,
+    Unavailable,
+    Unprocessable,
+    UnsupportedMediaType,
+    problem_response,
+)
+from engine.ids import is_idempotency_key, is_sale_id, sale_of_order
+from engine.openapi import openapi_document
+from engine.scripts import Code, load_scripts
+from engine.settings import Settings
+
+__all__ = ["create_app"]
+
+log = logging.getLogger("flashsale.app")
+
+# A shopper cannot sensibly want more in one order; anything above is a typo or an attack, and
+# the sale's own per-order maximum (checked in Lua) is usually far lower.
+MAX_QUANTITY = 10_000
+
+
+class JSONResponse(Response):
+    media_type = "application/json"
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
+def _iso(ms: int | str) -> str:
+    return datetime.fromtimestamp(int(ms) / 1000, tz=UTC).isoformat(timespec="milliseconds")
+
+
+def _order_body(order: dict[str, str], sale_id: str) -> dict[str, Any]:
+    return {
+        "id": order["id"],
+        "sale_id": sale_id,
+        "quantity": int(order["qty"]),
+        "state": order["state"],
+        "version": int(order["version"]),
+        "created_at": _iso(order["created_ms"]),
+        "hold_expires_at": _iso(order["expires_ms"]),
+    }
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    content_type = request.headers.get("content-type", "application/json")
+    if not content_type.split(";", 1)[0].strip().endswith("json"):
+        raise UnsupportedMediaType("unsupported-media-type", "send the body as application/json")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge("body-too-large", f"the body may be at most {limit} bytes")
+    body = b""
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge("body-too-large", f"the body may be at most {limit} bytes")
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise Unprocessable("invalid-body", "the body is not valid JSON") from None
+
+
+def _quantity(body: Any) -> int:
+    if not isinstance(body, dict):
+        raise Unprocessable("invalid-body", 'the body must be a JSON object like {"quantity": 1}')
+    unknown = set(body) - {"quantity"}
+    if unknown:
+        raise Unprocessable("invalid-body", f"unknown fields: {', '.join(sorted(unknown))}")
+    quantity = body.get("quantity")
+    # bool is an int in Python; true must not buy one unit.
+    if type(quantity) is not int or not 1 <= quantity <= MAX_QUANTITY:
+        raise Unprocessable(
+            "invalid-quantity", f"quantity must be an integer from 1 to {MAX_QUANTITY}"
+        )
+    return quantity
+
+
+def create_app(settings: Settings, redis: Redis | None = None) -> Starlette:
+    verifier = TokenVerifier(settings)
+    state: dict[str, Redis] = {}
+    max_body = settings.max_body_bytes
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        client = redis or connect_redis(settings)
+        state["redis"] = client
+        await load_scripts(client)
+        try:
+            yield
+        finally:
+            if redis is None:
+                await client.aclose()
+
+    def _sale_id(request: Request) -> str:
+        sale_id: str = request.path_params["sale_id"]
+        if not is_sale_id(sale_id):
+            raise NotFound("sale-not-found", f"there is no sale {sale_id!r}")
+        return sale_id
+
+    def _order_ids(request: Request) -> tuple[str, str]:
+        order_id: str = request.path_params["order_id"]
+        sale_id = sale_of_order(order_id)
+        if sale_id is None:
+            raise NotFound("order-not-found", f"there is no order {order_id!r}")
+        return sale_id, order_id
+
+    async def get_sale(request: Request) -> Response:
+        sale_id = _sale_id(request)
+        sale = await inventory.read_sale(state["redis"], sale_id)
+        if sale is None:
+            raise NotFound("sale-not-found", f"there is no sale {sale_id!r}")
+        return JSONResponse(
+            {
+                "id": sale_id,
+                "name": sale.get("name", sale_id),
+                "status": sale["status"],
+                "starts_at": _iso(sale["start_ms"]),
+                "ends_at": _iso(sale["end_ms"]),
+                "price": int(sale["price"]),
+                "currency": sale["currency"],
+                "per_user_limit": int(sale["per_user_limit"]),
+                "per_order_max": int(sale["per_order_max"]),
+                "hold_seconds": int(sale["hold_ms"]) // 1000,
+                "units_left": int(sale["stock"]),
+            }
+        )
+
+    async def place_order(request: Request) -> Response:
+        user = verifier.user_of(request.headers.get("authorization"))
+        key = request.headers.get("idempotency-key")
+        if key is None:
+            raise BadRequest("missing-idempotency-key", "an Idempotency-Key header is required")
+        if not is_idempotency_key(key):
+            raise BadRequest(
+                "invalid-idempotency-key",
+                "the Idempotency-Key must be 1-128 of A-Z, a-z, 0-9, '_', '.', ':' and '-'",
+            )
+        quantity = _quantity(await _read_json(request, max_body))
+        sale_id = _sale_id(request)
+        hold = await inventory.reserve(state["redis"], sale_id, user, quantity, key)
+        return JSONResponse(
+            {
+                "id": hold.order_id,
+                "sale_id": sale_id,
+                "quantity": hold.quantity,
+                "state": "reserved",
+                "version": 1,
+                "created_at": _iso(hold.created_ms),
+                "hold_expires_at": _iso(hold.expires_ms),
+            },
+            status_code=201,
+            headers={"Idempotent-Replayed": "true"} if hold.replayed else None,
+        )
+
+    async def get_order(request: Request) -> Response:
+        user = verifier.user_of(request.headers.get("authorization"))
+        sale_id, order_id = _order_ids(request)
+        order = await inventory.read_order(state["redis"], sale_id, order_id)
+        # Someone else's order answers exactly like a missing one: ids are not secrets, but
+        # who bought what is.
+        if order is None or order["user"] != user:
+            raise NotFound("order-not-found", f"there is no order {order_id!r}")
+        return JSONResponse(_order_body(order, sale_id))
+
+    async def cancel_order(request: Request) -> Response:
+        user = verifier.user_of(request.headers.get("authorization"))
+        sale_id, order_id = _order_ids(request)
+        result = await inventory.release(state["redis"], sale_id, order_id, "cancelled", user)
+        if result.code is Code.ALREADY_FINAL and result.state != "cancelled":
+            raise Conflict(
+                "order-not-cancellable",
+                f"the order is {result.state} and can no longer be cancelled",
+                state=result.state,
+            )
+        order = await inventory.read_order(state["redis"], sale_id, order_id)
+        assert order is not None  # orders are never deleted while their sale is live
+        return JSONResponse(_order_body(order, sale_id))
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        problems = {}
+        try:
+            await state["redis"].ping()
+        except (RedisError, OSError) as exc:
+            problems["redis"] = str(exc)
+        try:
+            # The front door keeps no Postgres pool (the order path never uses one); a probe
+            # every few seconds can afford its own short connection.
+            conn = await asyncpg.connect(settings.database_url, timeout=2)
+            await conn.close()
+        except (TimeoutError, asyncpg.PostgresError, OSError) as exc:
+            problems["postgres"] = str(exc)
+        if problems:
+            raise Unavailable("not-ready", "a backing service is unreachable", checks=problems)
+        return JSONResponse({"status": "ready", "checks": {"redis": "ok", "postgres": "ok"}})
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(openapi_document())
+
+    async def on_problem(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ProblemError)
+        return problem_response(exc, request)
+
+    async def on_http(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        code = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "bad-request")
+        problem = ProblemError(code, str(exc.detail), status=exc.status_code)
+        return problem_response(problem, request)
+
+    async def on_error(request: Request, exc: Exception) -> Response:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        problem = ProblemError(
+            "internal-error", "the server failed unexpectedly; retry with the same Idempotency-Key"
+        )
+        if isinstance(exc, RedisError | OSError):
+            problem = Unavailable("not-ready", "the inventory store is unreachable; retry")
+        return problem_response(problem, request)
+
+    routes = [
+        Route("/v1/sales/{sale_id}", get_sale, methods=["GET"]),
+        Route("/v1/sales/{sale_id}/orders", place_order, methods=["POST"]),
+        Route("/v1/orders/{order_id}", get_order, methods=["GET"]),
+        Route("/v1/orders/{order_id}/cancel", cancel_order, methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        Route("/openapi.json", openapi, methods=["GET"]),
+    ]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            ProblemError: on_problem,
+            HTTPException: on_http,
+            Exception: on_error,
+        },
+    )

@@ -1,0 +1,332 @@
+"""The ``flashsale`` admin command: serve, work, migrate, run sales, mint tokens, demo.
+
+Configuration comes from the environment (see ``engine.settings``); flags override per run.
+Exit status: 0 success, 1 the operation was refused (the message says why), 2 bad configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import orjson
+
+from engine.errors import ProblemError
+from engine.settings import ConfigError, Settings
+
+__all__ = ["main"]
+
+T = TypeVar("T")
+
+
+def _run(coro: Awaitable[T]) -> T:
+    async def wrapper() -> T:
+        return await coro
+
+    return asyncio.run(wrapper())
+
+
+def _settings() -> Settings:
+    return Settings.from_env()
+
+
+async def _with_stores(fn: Callable[[Any, Any], Awaitable[T]]) -> T:
+    from engine.db import connect_postgres, connect_redis
+    from engine.scripts import load_scripts
+
+    settings = _settings()
+    redis = connect_redis(settings, pool_size=4)
+    db = await connect_postgres(settings, min_size=1, max_size=2)
+    try:
+        await load_scripts(redis)
+        return await fn(db, redis)
+    finally:
+        await redis.aclose()
+        await db.close()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = _settings()
+    uvicorn.run(
+        "engine.asgi:create",
+        factory=True,
+        host=args.host or settings.host,
+        port=args.port if args.port is not None else settings.port,
+        workers=args.workers or settings.server_workers,
+        loop="uvloop",
+        http="httptools",
+        access_log=False,
+        log_level=args.log_level,
+    )
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from arq import run_worker
+    from arq.connections import RedisSettings
+
+    from workers.settings import WorkerSettings
+
+    settings = _settings()
+    run_worker(
+        WorkerSettings,  # type: ignore[arg-type]
+        redis_settings=RedisSettings.from_dsn(settings.redis_url),
+        burst=args.burst,
+    )
+    return 0
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from engine.db import migrate
+
+    applied = _run(migrate(_settings().database_url))
+    if applied:
+        for name in applied:
+            print(f"applied {name}")
+    else:
+        print("nothing to apply: the database is up to date")
+    return 0
+
+
+def _parse_time(value: str) -> int:
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO 8601 time: {value!r}") from None
+    if moment.tzinfo is None:
+        raise argparse.ArgumentTypeError(f"give a time zone, e.g. {value}+00:00 or {value}Z")
+    return int(moment.timestamp() * 1000)
+
+
+def cmd_sale_create(args: argparse.Namespace) -> int:
+    from engine.inventory import SaleDefinition
+    from engine.sales import create_sale
+
+    start_ms = (
+        args.starts_at if args.starts_at is not None else int((time.time() + args.starts_in) * 1000)
+    )
+    sale = SaleDefinition(
+        id=args.id,
+        name=args.name or args.id,
+        stock=args.stock,
+        price=args.price,
+        currency=args.currency,
+        per_user_limit=args.limit,
+        per_order_max=args.per_order_max or args.limit,
+        hold_seconds=args.hold_seconds or _settings().hold_seconds,
+        start_ms=start_ms,
+        end_ms=args.ends_at if args.ends_at is not None else start_ms + args.duration * 1000,
+        status="paused" if args.paused else "open",
+    )
+    created = _run(_with_stores(lambda db, redis: create_sale(db, redis, sale)))
+    print(
+        f"{'created' if created else 'already existed, reloaded'} sale {sale.id}: "
+        f"{sale.stock} units, limit {sale.per_user_limit} per shopper"
+    )
+    return 0
+
+
+def cmd_sale_show(args: argparse.Namespace) -> int:
+    from engine.sales import sale_report
+
+    report = _run(_with_stores(lambda db, redis: sale_report(db, redis, args.id)))
+    if args.json:
+        print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
+        return 0
+    definition = report.get("definition", {})
+    for name in (
+        "name",
+        "status",
+        "stock",
+        "price",
+        "currency",
+        "per_user_limit",
+        "per_order_max",
+        "hold_seconds",
+        "starts_at",
+        "ends_at",
+    ):
+        if name in definition:
+            print(f"{name:>16}: {definition[name]}")
+    for name, value in report.get("live", {}).items():
+        print(f"{'live ' + name:>16}: {value}")
+    ledger = ", ".join(f"{k} {v}" for k, v in sorted(report["ledger_orders"].items()))
+    print(f"{'ledger orders':>16}: {ledger or 'none'}")
+    return 0
+
+
+def cmd_sale_status(args: argparse.Namespace) -> int:
+    from engine.sales import change_status
+
+    status = {"pause": "paused", "resume": "open", "close": "closed"}[args.action]
+    previous = _run(_with_stores(lambda db, redis: change_status(db, redis, args.id, status)))
+    print(f"sale {args.id}: {previous} -> {status}")
+    return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from engine.auth import mint_tokens
+
+    settings = _settings()
+    if args.user:
+        users = list(args.user)
+    else:
+        users = [f"{args.prefix}{i}" for i in range(1, args.count + 1)]
+    tokens = mint_tokens(settings, users, args.ttl)
+    if args.out:
+        lines = [f"{user}\t{token}" for user, token in zip(users, tokens, strict=True)]
+        Path(args.out).write_text("\n".join(lines) + "\n")
+        print(f"wrote {len(tokens)} tokens to {args.out} (user<TAB>token per line)")
+    else:
+        for token in tokens:
+            print(token)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from engine.demo import run_demo
+
+    return run_demo(
+        base_dir=Path(args.dir),
+        stock=args.stock,
+        shoppers=args.shoppers,
+        limit=args.limit,
+        concurrency=args.concurrency,
+    )
+
+
+def _positive(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flashsale",
+        description="Run and operate a flashsale engine. Configuration comes from FLASHSALE_* "
+        "environment variables (FLASHSALE_REDIS_URL, FLASHSALE_DATABASE_URL, "
+        "FLASHSALE_JWT_SECRET, ...); see README.md.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", help="run the HTTP API (uvicorn + uvloop + httptools)")
+    serve.add_argument("--host", help="bind address (default FLASHSALE_HOST or 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port (default FLASHSALE_PORT or 8000)")
+    serve.add_argument(
+        "--workers", type=_positive, help="server processes (default FLASHSALE_SERVER_WORKERS or 1)"
+    )
+    serve.add_argument(
+        "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    worker = sub.add_parser("worker", help="run an arq worker: drain outboxes, expire holds")
+    worker.add_argument("--burst", action="store_true", help="run the due jobs once and exit")
+    worker.set_defaults(func=cmd_worker)
+
+    migrate = sub.add_parser("migrate", help="apply pending Postgres migrations (idempotent)")
+    migrate.set_defaults(func=cmd_migrate)
+
+    sale = sub.add_parser("sale", help="create, inspect, pause, resume and close sales")
+    sale_sub = sale.add_subparsers(dest="sale_command", required=True, metavar="ACTION")
+    create = sale_sub.add_parser(
+        "create",
+        help="define a sale in Postgres and load it into Redis",
+        description="Define a sale in Postgres and load it into Redis. Re-running with the "
+        "same terms is harmless; other terms under an existing id are refused.",
+    )
+    create.add_argument("--id", required=True, help="sale id: a-z, 0-9 and '-', max 48")
+    create.add_argument("--name", help="display name (default: the id)")
+    create.add_argument("--stock", type=int, required=True, help="units for sale")
+    create.add_argument("--price", type=int, default=1000, help="unit price in minor units")
+    create.add_argument("--currency", default="usd", help="ISO 4217, lowercase (default usd)")
+    create.add_argument("--limit", type=_positive, default=2, help="units per shopper")
+    create.add_argument(
+        "--per-order-max", type=_positive, help="units per order (default: the per-shopper limit)"
+    )
+    create.add_argument(
+        "--hold-seconds",
+        type=_positive,
+        help="how long an unpaid hold lasts (default FLASHSALE_HOLD_SECONDS)",
+    )
+    when = create.add_mutually_exclusive_group()
+    when.add_argument("--starts-at", type=_parse_time, help="ISO 8601 start, with time zone")
+    when.add_argument("--starts-in", type=int, default=0, help="start N seconds from now")
+    end = create.add_mutually_exclusive_group()
+    end.add_argument("--ends-at", type=_parse_time, help="ISO 8601 end, with time zone")
+    end.add_argument("--duration", type=_positive, default=3600, help="seconds (default 3600)")
+    create.add_argument("--paused", action="store_true", help="create it paused")
+    create.set_defaults(func=cmd_sale_create)
+
+    show = sale_sub.add_parser("show", help="definition, live stock, held, sold, outbox lag")
+    show.add_argument("id")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(func=cmd_sale_show)
+    for action, text in (
+        ("pause", "stop taking orders for now"),
+        ("resume", "take orders again"),
+        ("close", "end the sale for good"),
+    ):
+        p = sale_sub.add_parser(action, help=text)
+        p.add_argument("id")
+        p.set_defaults(func=cmd_sale_status, action=action)
+
+    token = sub.add_parser(
+        "token",
+        help="mint shopper JWTs (tests, load tests)",
+        description="Mint shopper JWTs signed with FLASHSALE_JWT_SECRET "
+        "(or FLASHSALE_JWT_PRIVATE_KEY for RS256).",
+    )
+    who = token.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", action="append", help="user id (repeatable)")
+    who.add_argument("--count", type=_positive, help="mint for N users named PREFIX1..PREFIXN")
+    token.add_argument("--prefix", default="shopper-", help="user id prefix for --count")
+    token.add_argument("--ttl", type=_positive, default=3600, help="seconds (default 3600)")
+    token.add_argument("--out", help="write 'user<TAB>token' lines to this file")
+    token.set_defaults(func=cmd_token)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run a whole sale locally and check its invariants",
+        description="Start Redis and Postgres in --dir, seed a sale, start the API and a "
+        "worker, storm it with concurrent shoppers, wait for the ledger, print a report "
+        "ending in 'invariants: ok' (exit 0) or 'invariants: VIOLATED ...' (exit 1), and stop "
+        "everything it started.",
+    )
+    demo.add_argument("--dir", default=".flashsale/demo", help="where servers keep their data")
+    demo.add_argument("--stock", type=_positive, default=1000)
+    demo.add_argument("--shoppers", type=_positive, default=3000)
+    demo.add_argument("--limit", type=_positive, default=2)
+    demo.add_argument("--concurrency", type=_positive, default=200)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result: int = args.func(args)
+        return result
+    except ConfigError as exc:
+        print(f"flashsale: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except ProblemError as exc:
+        print(f"flashsale: {exc.code}: {exc.detail}", file=sys.stderr)
+        return 1
+    except (OSError, ConnectionError) as exc:
+        print(f"flashsale: cannot reach a backing service: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

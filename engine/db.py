@@ -1,0 +1,92 @@
+"""Connections to Redis and Postgres, and the migration runner.
+
+Migrations are the numbered ``NNNN_name.sql`` files of ``migrations/``; each runs once, in its own
+transaction, recorded in ``schema_migrations``. An advisory lock makes concurrent ``migrate``
+runs (two deploys at once) wait for each other instead of racing.
+"""
+
+from __future__ import annotations
+
+import re
+from importlib import resources
+
+import asyncpg
+from redis.asyncio import BlockingConnectionPool, Redis
+
+from engine.settings import Settings
+
+__all__ = ["connect_postgres", "connect_redis", "migrate", "pending_migrations"]
+
+_MIGRATION = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
+# Any constant will do; it only has to be the same in every process that migrates.
+_MIGRATION_LOCK = 0x_F1A5_5A1E
+
+
+def connect_redis(settings: Settings, pool_size: int | None = None) -> Redis:
+    # A blocking pool: under a storm, requests queue for a connection instead of opening
+    # thousands of sockets (and per-request connection set-up stays off the order path).
+    pool = BlockingConnectionPool.from_url(
+        settings.redis_url,
+        max_connections=pool_size or settings.redis_pool_size,
+        timeout=5,
+        decode_responses=True,
+        health_check_interval=0,
+    )
+    return Redis(connection_pool=pool)
+
+
+async def connect_postgres(
+    settings: Settings, min_size: int = 1, max_size: int = 10
+) -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(settings.database_url, min_size=min_size, max_size=max_size)
+    assert pool is not None
+    return pool
+
+
+def _migrations() -> list[tuple[int, str, str]]:
+    found = []
+    for entry in resources.files("engine.migrations").iterdir():
+        match = _MIGRATION.fullmatch(entry.name)
+        if match:
+            found.append((int(match.group(1)), match.group(2), entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+async def pending_migrations(conn: asyncpg.Connection) -> list[tuple[int, str]]:
+    applied = await _applied(conn)
+    return [(number, name) for number, name, _ in _migrations() if number not in applied]
+
+
+async def _applied(conn: asyncpg.Connection) -> set[int]:
+    await conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations ("
+        " version integer PRIMARY KEY, name text NOT NULL,"
+        " applied_at timestamptz NOT NULL DEFAULT now())"
+    )
+    return {row["version"] for row in await conn.fetch("SELECT version FROM schema_migrations")}
+
+
+async def migrate(database_url: str) -> list[str]:
+    """Apply every migration not yet applied; returns the names applied (empty: a no-op)."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+        try:
+            applied = await _applied(conn)
+            done = []
+            for number, name, sql in _migrations():
+                if number in applied:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+                        number,
+                        name,
+                    )
+                done.append(f"{number:04d}_{name}")
+            return done
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+    finally:
+        await conn.close()

@@ -1,0 +1,164 @@
+"""Every error a client can see, each with a stable kebab-case code and an HTTP status.
+
+They render as RFC 9457 ``application/problem+json``; ``type`` is a stable URI built from the
+code, so documentation can link to it::
+
+    ProblemError
+    ├── BadRequest (400)            missing-idempotency-key, invalid-idempotency-key, bad-json
+    ├── Unauthorized (401)          invalid-token
+    ├── NotFound (404)              sale-not-found, order-not-found, not-found
+    ├── SaleClosed                  sale-not-started (425), sale-paused (403), sale-ended (410)
+    ├── Conflict (409)              sold-out, limit-exceeded, order-not-cancellable
+    ├── PayloadTooLarge (413)       body-too-large
+    ├── UnsupportedMediaType (415)  unsupported-media-type
+    ├── Unprocessable (422)         invalid-body, invalid-quantity, quantity-exceeds-maximum,
+    │                               idempotency-key-reused
+    └── Unavailable (503)           not-ready
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+__all__ = [
+    "PROBLEM_TYPES",
+    "BadRequest",
+    "Conflict",
+    "NotFound",
+    "PayloadTooLarge",
+    "ProblemError",
+    "SaleClosed",
+    "Unauthorized",
+    "Unavailable",
+    "Unprocessable",
+    "UnsupportedMediaType",
+    "problem_response",
+]
+
+PROBLEM_BASE = "https://flashsale.dev/problems/"
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+
+
+class ProblemError(Exception):
+    status: ClassVar[int] = 500
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(
+        self,
+        code: str,
+        detail: str,
+        *,
+        status: int | None = None,
+        headers: dict[str, str] | None = None,
+        **extra: Any,
+    ) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.status_code = status or self.status
+        self.headers = headers or {}
+        self.extra = extra
+
+    def body(self, instance: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "type": PROBLEM_BASE + self.code,
+            "title": self.title,
+            "status": self.status_code,
+            "code": self.code,
+            "detail": self.detail,
+        }
+        if instance is not None:
+            body["instance"] = instance
+        body.update(self.extra)
+        return body
+
+
+class BadRequest(ProblemError):
+    status = 400
+    title = "Bad request"
+
+
+class Unauthorized(ProblemError):
+    status = 401
+    title = "Unauthorized"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(
+            "invalid-token", detail, headers={"WWW-Authenticate": 'Bearer error="invalid_token"'}
+        )
+
+
+class NotFound(ProblemError):
+    status = 404
+    title = "Not found"
+
+
+class SaleClosed(ProblemError):
+    title = "Sale not open"
+
+
+class Conflict(ProblemError):
+    status = 409
+    title = "Conflict"
+
+
+class PayloadTooLarge(ProblemError):
+    status = 413
+    title = "Payload too large"
+
+
+class UnsupportedMediaType(ProblemError):
+    status = 415
+    title = "Unsupported media type"
+
+
+class Unprocessable(ProblemError):
+    status = 422
+    title = "Unprocessable content"
+
+
+class Unavailable(ProblemError):
+    status = 503
+    title = "Service unavailable"
+
+
+# Every code a client can meet, with its status; the OpenAPI document and the tests read this.
+PROBLEM_TYPES: dict[str, int] = {
+    "missing-idempotency-key": 400,
+    "invalid-idempotency-key": 400,
+    "bad-json": 400,
+    "invalid-token": 401,
+    "forbidden": 403,
+    "sale-paused": 403,
+    "sale-not-found": 404,
+    "order-not-found": 404,
+    "not-found": 404,
+    "method-not-allowed": 405,
+    "sold-out": 409,
+    "limit-exceeded": 409,
+    "order-not-cancellable": 409,
+    "sale-ended": 410,
+    "body-too-large": 413,
+    "unsupported-media-type": 415,
+    "invalid-body": 422,
+    "invalid-quantity": 422,
+    "quantity-exceeds-maximum": 422,
+    "idempotency-key-reused": 422,
+    "sale-not-started": 425,
+    "internal-error": 500,
+    "not-ready": 503,
+}
+
+
+def problem_response(error: ProblemError, request: Request | None = None) -> Response:
+    instance = request.url.path if request is not None else None
+    return Response(
+        orjson.dumps(error.body(instance)),
+        status_code=error.status_code,
+        media_type=PROBLEM_MEDIA_TYPE,
+        headers=error.headers,
+    )

@@ -1,0 +1,224 @@
+"""Live stock, holds and orders in Redis: one typed async function per Lua script, plus reads.
+
+Callers never build KEYS or ARGV; they get dataclasses back or a ``ProblemError`` with a stable
+code. Every write here is exactly one script call, so exactly one Redis round trip.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from redis.asyncio import Redis
+
+from engine.errors import Conflict, NotFound, ProblemError, SaleClosed, Unprocessable
+from engine.ids import new_order_id
+from engine.keys import OUTBOX_GROUP, sale_keys
+from engine.scripts import SCRIPTS, Code
+
+__all__ = [
+    "IDEMPOTENCY_TTL_S",
+    "Hold",
+    "Release",
+    "SaleDefinition",
+    "load_sale",
+    "read_order",
+    "read_sale",
+    "release",
+    "reserve",
+    "set_status",
+]
+
+# Stripe keeps idempotency keys 24 h; shoppers' retries come within seconds, so this is generous.
+IDEMPOTENCY_TTL_S = 24 * 3600
+
+_reserve = SCRIPTS["reserve"]
+_release = SCRIPTS["release"]
+_load_sale = SCRIPTS["load_sale"]
+_set_status = SCRIPTS["set_status"]
+
+
+@dataclass(frozen=True, slots=True)
+class SaleDefinition:
+    id: str
+    name: str
+    stock: int
+    price: int  # minor units (cents)
+    currency: str
+    per_user_limit: int
+    per_order_max: int
+    hold_seconds: int
+    start_ms: int
+    end_ms: int
+    status: str = "open"
+
+    def redis_fields(self) -> list[str | int]:
+        return [
+            "id",
+            self.id,
+            "name",
+            self.name,
+            "status",
+            self.status,
+            "start_ms",
+            self.start_ms,
+            "end_ms",
+            self.end_ms,
+            "price",
+            self.price,
+            "currency",
+            self.currency,
+            "per_user_limit",
+            self.per_user_limit,
+            "per_order_max",
+            self.per_order_max,
+            "hold_ms",
+            self.hold_seconds * 1000,
+        ]
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    order_id: str
+    quantity: int
+    created_ms: int
+    expires_ms: int
+    replayed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    code: Code
+    state: str
+    version: int
+
+
+def _sale_error(code: Code, reply: list[Any], sale_id: str) -> ProblemError:
+    if code is Code.SALE_NOT_FOUND:
+        return NotFound("sale-not-found", f"there is no sale {sale_id!r}")
+    if code is Code.SALE_NOT_STARTED:
+        return SaleClosed(
+            "sale-not-started", "the sale has not started yet", status=425, starts_at_ms=reply[1]
+        )
+    if code is Code.SALE_ENDED:
+        return SaleClosed("sale-ended", "the sale has ended", status=410, ended_at_ms=reply[1])
+    if code is Code.SALE_PAUSED:
+        return SaleClosed("sale-paused", "the sale is paused", status=403)
+    raise AssertionError(f"not a sale state code: {code!r}")
+
+
+async def reserve(
+    redis: Redis, sale_id: str, user_id: str, quantity: int, idempotency_key: str
+) -> Hold:
+    keys = sale_keys(sale_id)
+    idempotency = keys.idempotency(user_id, idempotency_key)
+    while True:
+        order_id = new_order_id(sale_id)
+        # The request body is just the quantity, so the quantity is the whole fingerprint.
+        reply = await _reserve(
+            redis,
+            [
+                keys.sale,
+                keys.stock,
+                keys.users,
+                keys.holds,
+                keys.outbox,
+                keys.order(order_id),
+                idempotency,
+            ],
+            [order_id, user_id, quantity, quantity, IDEMPOTENCY_TTL_S, idempotency_key],
+        )
+        code = Code(reply[0])
+        # 64 random bits collided with an existing order: nothing was written, draw again.
+        if code is not Code.ORDER_ID_TAKEN:
+            break
+    if code is Code.OK or code is Code.REPLAYED:
+        return Hold(
+            order_id=reply[1],
+            quantity=reply[2],
+            created_ms=reply[3],
+            expires_ms=reply[4],
+            replayed=code is Code.REPLAYED,
+        )
+    if code is Code.SOLD_OUT:
+        raise Conflict("sold-out", "not enough stock left for this quantity", available=reply[1])
+    if code is Code.LIMIT_EXCEEDED:
+        raise Conflict(
+            "limit-exceeded",
+            f"at most {reply[1]} units per shopper in this sale",
+            limit=reply[1],
+            already_held=reply[2],
+        )
+    if code is Code.IDEMPOTENCY_KEY_REUSED:
+        raise Unprocessable(
+            "idempotency-key-reused",
+            "this Idempotency-Key was already used with a different request",
+        )
+    if code is Code.QUANTITY_EXCEEDS_MAXIMUM:
+        raise Unprocessable(
+            "quantity-exceeds-maximum", f"at most {reply[1]} units per order", maximum=reply[1]
+        )
+    if code is Code.INVALID_QUANTITY:
+        raise Unprocessable("invalid-quantity", "quantity must be a positive integer")
+    raise _sale_error(code, reply, sale_id)
+
+
+async def release(
+    redis: Redis, sale_id: str, order_id: str, state: str, owner: str | None = None
+) -> Release:
+    """End a live hold as ``state`` (cancelled, expired, failed). Safe to call any number of
+    times: stock and the shopper's count come back only on the first that finds it reserved."""
+    keys = sale_keys(sale_id)
+    reply = await _release(
+        redis,
+        [keys.sale, keys.stock, keys.users, keys.holds, keys.outbox, keys.order(order_id)],
+        [order_id, state, owner or ""],
+    )
+    code = Code(reply[0])
+    if code is Code.ORDER_NOT_FOUND:
+        raise NotFound("order-not-found", f"there is no order {order_id!r}")
+    if code is Code.INVALID_STATE:
+        raise ValueError(f"cannot release into state {state!r}")
+    return Release(code=code, state=reply[1], version=int(reply[2]))
+
+
+async def load_sale(redis: Redis, sale: SaleDefinition) -> Code:
+    keys = sale_keys(sale.id)
+    reply = await _load_sale(
+        redis,
+        [keys.sale, keys.stock, keys.outbox],
+        [OUTBOX_GROUP, sale.stock, *sale.redis_fields()],
+    )
+    return Code(reply[0])
+
+
+async def set_status(redis: Redis, sale_id: str, status: str) -> str:
+    """Open, pause or close a sale; returns the previous status."""
+    reply = await _set_status(redis, [sale_keys(sale_id).sale], [status])
+    code = Code(reply[0])
+    if code is Code.SALE_NOT_FOUND:
+        raise NotFound("sale-not-found", f"there is no sale {sale_id!r} in Redis")
+    if code is Code.INVALID_STATE:
+        raise Conflict(
+            "invalid-status",
+            f"cannot move a {reply[1] if len(reply) > 1 else '?'} sale to {status!r}",
+        )
+    return str(reply[1])
+
+
+async def read_sale(redis: Redis, sale_id: str) -> dict[str, str] | None:
+    """The sale hash plus ``stock`` (units available now), in one round trip."""
+    keys = sale_keys(sale_id)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hgetall(keys.sale)
+        pipe.get(keys.stock)
+        sale, stock = await pipe.execute()
+    if not sale:
+        return None
+    sale["stock"] = stock or "0"
+    return dict(sale)
+
+
+async def read_order(redis: Redis, sale_id: str, order_id: str) -> dict[str, str] | None:
+    order: dict[str, str] = await redis.hgetall(sale_keys(sale_id).order(order_id))  # type: ignore[assignment]
+    return order or None

@@ -1,0 +1,62 @@
+"""Every Redis key the engine uses, and nothing else formats one.
+
+Each key of a sale carries the hash tag ``{fs:SALE}`` so all keys one Lua script touches share a
+cluster slot. Ids are validated before they reach here (see ``engine.ids``), so no id can smuggle
+a ``}`` or ``:`` into a key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["LIVE_SALES", "OUTBOX_GROUP", "SaleKeys", "sale_keys"]
+
+# Set of sale ids the workers drain and expire. Deliberately outside any sale's slot: only the
+# CLI and workers touch it, never a script.
+LIVE_SALES = "fs:live-sales"
+
+# The consumer group that moves outbox entries into the Postgres ledger.
+OUTBOX_GROUP = "ledger"
+
+
+@dataclass(frozen=True, slots=True)
+class SaleKeys:
+    sale_id: str
+    tag: str
+
+    @property
+    def sale(self) -> str:
+        """Hash: the definition plus live counters ``held`` and ``sold``."""
+        return f"{self.tag}:sale"
+
+    @property
+    def stock(self) -> str:
+        """Integer: units available to reserve now."""
+        return f"{self.tag}:stock"
+
+    @property
+    def users(self) -> str:
+        """Hash: user id -> units in live holds plus paid orders."""
+        return f"{self.tag}:users"
+
+    @property
+    def holds(self) -> str:
+        """Sorted set: order id scored by hold expiry (ms since epoch)."""
+        return f"{self.tag}:holds"
+
+    @property
+    def outbox(self) -> str:
+        """Stream: one entry per order state change, drained into Postgres."""
+        return f"{self.tag}:outbox"
+
+    def order(self, order_id: str) -> str:
+        """Hash: one order's live state."""
+        return f"{self.tag}:order:{order_id}"
+
+    def idempotency(self, user_id: str, key: str) -> str:
+        """String: the first answer to (user, Idempotency-Key), kept 24 h."""
+        return f"{self.tag}:idem:{user_id}:{key}"
+
+
+def sale_keys(sale_id: str) -> SaleKeys:
+    return SaleKeys(sale_id=sale_id, tag="{fs:" + sale_id + "}")

@@ -1,0 +1,114 @@
+"""The Postgres ledger of orders: the durable copy of what the outbox streams say.
+
+Delivery from the outbox is at-least-once (a worker can die after the commit and before XACK),
+so writing here must be idempotent: each order row keeps the highest version seen, and each
+(order, version) event is stored once. Replaying any batch, in any order, changes nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import asyncpg
+
+__all__ = ["OrderChange", "count_orders", "ledger_orders", "write_changes"]
+
+
+@dataclass(frozen=True, slots=True)
+class OrderChange:
+    """One outbox entry: the order's whole state after one change."""
+
+    order_id: str
+    sale_id: str
+    user_id: str
+    quantity: int
+    state: str
+    version: int
+    idempotency_key: str
+    created_ms: int
+    expires_ms: int
+    at_ms: int
+
+    @classmethod
+    def from_entry(cls, sale_id: str, fields: dict[str, str]) -> OrderChange:
+        return cls(
+            order_id=fields["order"],
+            sale_id=sale_id,
+            user_id=fields["user"],
+            quantity=int(fields["qty"]),
+            state=fields["state"],
+            version=int(fields["version"]),
+            idempotency_key=fields.get("idem", ""),
+            created_ms=int(fields["created_ms"]),
+            expires_ms=int(fields["expires_ms"]),
+            at_ms=int(fields["at_ms"]),
+        )
+
+
+# One statement, so one round trip per batch: events first (a CTE), then the orders upsert
+# whose WHERE keeps a newer version from ever being overwritten by an older one.
+_WRITE = """
+WITH incoming AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::text[],
+                         $6::bigint[], $7::text[], $8::timestamptz[], $9::timestamptz[],
+                         $10::timestamptz[])
+        AS t(id, sale_id, user_id, quantity, state, version, idempotency_key,
+             created_at, expires_at, at)
+), events AS (
+    INSERT INTO order_events (order_id, version, state, at)
+    SELECT id, version, state, at FROM incoming
+    ON CONFLICT DO NOTHING
+)
+INSERT INTO orders AS o (id, sale_id, user_id, quantity, state, version, idempotency_key,
+                         created_at, expires_at, updated_at)
+SELECT DISTINCT ON (id) id, sale_id, user_id, quantity, state, version,
+       nullif(idempotency_key, ''), created_at, expires_at, at
+FROM incoming
+ORDER BY id, version DESC
+ON CONFLICT (id) DO UPDATE
+    SET state = EXCLUDED.state, version = EXCLUDED.version, updated_at = EXCLUDED.updated_at
+    WHERE o.version < EXCLUDED.version
+"""
+
+
+def _ts(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+async def write_changes(
+    conn: asyncpg.Connection | asyncpg.Pool, changes: list[OrderChange]
+) -> None:
+    if not changes:
+        return
+    await conn.execute(
+        _WRITE,
+        [c.order_id for c in changes],
+        [c.sale_id for c in changes],
+        [c.user_id for c in changes],
+        [c.quantity for c in changes],
+        [c.state for c in changes],
+        [c.version for c in changes],
+        [c.idempotency_key for c in changes],
+        [_ts(c.created_ms) for c in changes],
+        [_ts(c.expires_ms) for c in changes],
+        [_ts(c.at_ms) for c in changes],
+    )
+
+
+async def count_orders(conn: asyncpg.Connection | asyncpg.Pool, sale_id: str) -> dict[str, int]:
+    """Orders in the ledger by state (only states that occur)."""
+    rows = await conn.fetch(
+        "SELECT state, count(*) AS n FROM orders WHERE sale_id = $1 GROUP BY state", sale_id
+    )
+    return {row["state"]: row["n"] for row in rows}
+
+
+async def ledger_orders(
+    conn: asyncpg.Connection | asyncpg.Pool, sale_id: str
+) -> dict[str, tuple[str, int, str, int]]:
+    """order id -> (state, version, user, quantity), for invariant checks."""
+    rows = await conn.fetch(
+        "SELECT id, state, version, user_id, quantity FROM orders WHERE sale_id = $1", sale_id
+    )
+    return {r["id"]: (r["state"], r["version"], r["user_id"], r["quantity"]) for r in rows}

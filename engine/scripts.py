@@ -1,0 +1,82 @@
+"""Lua scripts: read once from the package, called by EVALSHA, reloaded on NOSCRIPT.
+
+A script file is named ``name-N.lua`` where N is its number of KEYS (the BullMQ convention), so
+a wrapper passing the wrong number of keys fails loudly here instead of silently in Redis.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from enum import IntEnum
+from importlib import resources
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
+
+__all__ = ["SCRIPTS", "Code", "Script"]
+
+
+class Code(IntEnum):
+    """Every result code any script returns (the first element of its reply)."""
+
+    OK = 1
+    REPLAYED = 2
+    ALREADY_FINAL = 3
+    UPDATED = 4
+    SALE_NOT_FOUND = -1
+    SALE_NOT_STARTED = -2
+    SALE_ENDED = -3
+    SALE_PAUSED = -4
+    INVALID_QUANTITY = -5
+    QUANTITY_EXCEEDS_MAXIMUM = -6
+    IDEMPOTENCY_KEY_REUSED = -7
+    LIMIT_EXCEEDED = -8
+    SOLD_OUT = -9
+    ORDER_ID_TAKEN = -10
+    ORDER_NOT_FOUND = -11
+    NOT_DUE = -12
+    INVALID_STATE = -13
+
+
+@dataclass(frozen=True, slots=True)
+class Script:
+    name: str
+    key_count: int
+    source: str
+    sha: str
+
+    async def __call__(self, redis: Redis, keys: list[str], args: list[Any]) -> list[Any]:
+        if len(keys) != self.key_count:
+            raise ValueError(f"{self.name} takes {self.key_count} keys, got {len(keys)}")
+        try:
+            reply = await redis.evalsha(self.sha, self.key_count, *keys, *args)
+        except NoScriptError:
+            # Redis restarted or SCRIPT FLUSH ran: load it again and retry once. EVALSHA that
+            # raised NOSCRIPT ran nothing, so the retry cannot apply the change twice.
+            await redis.script_load(self.source)
+            reply = await redis.evalsha(self.sha, self.key_count, *keys, *args)
+        return reply  # type: ignore[no-any-return]
+
+
+def _load_all() -> dict[str, Script]:
+    scripts: dict[str, Script] = {}
+    for entry in resources.files("engine.lua").iterdir():
+        if not entry.name.endswith(".lua"):
+            continue
+        stem = entry.name.removesuffix(".lua")
+        name, _, count = stem.rpartition("-")
+        source = entry.read_text(encoding="utf-8")
+        sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
+        scripts[name] = Script(name=name, key_count=int(count), source=source, sha=sha)
+    return scripts
+
+
+SCRIPTS: dict[str, Script] = _load_all()
+
+
+async def load_scripts(redis: Redis) -> None:
+    """SCRIPT LOAD every script, so the first shopper does not pay for it."""
+    for script in SCRIPTS.values():
+        await redis.script_load(script.source)

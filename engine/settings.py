@@ -1,0 +1,148 @@
+"""Every knob the engine has, read from the environment once.
+
+This is the only module that reads ``os.environ``. Everything else receives a ``Settings``.
+
+| variable                       | default                                   |
+| ------------------------------ | ----------------------------------------- |
+| FLASHSALE_ENV                  | ``production`` (``development`` relaxes)  |
+| FLASHSALE_REDIS_URL            | ``redis://127.0.0.1:6379/0``              |
+| FLASHSALE_DATABASE_URL         | ``postgresql://postgres@127.0.0.1/flashsale`` |
+| FLASHSALE_JWT_SECRET           | none: HS256 shared secret                 |
+| FLASHSALE_JWT_PUBLIC_KEY       | none: PEM for RS256 (wins over the secret)|
+| FLASHSALE_JWT_ISSUER           | ``flashsale``                             |
+| FLASHSALE_JWT_AUDIENCE         | ``flashsale-shoppers``                    |
+| FLASHSALE_HOLD_SECONDS         | ``600``                                   |
+| FLASHSALE_SERVER_WORKERS       | ``1``                                     |
+| FLASHSALE_HOST / _PORT         | ``127.0.0.1`` / ``8000``                  |
+| FLASHSALE_REDIS_POOL_SIZE      | ``64``                                    |
+| FLASHSALE_MAX_BODY_BYTES       | ``4096``                                  |
+| FLASHSALE_DRAIN_BATCH          | ``1000``                                  |
+| FLASHSALE_CLAIM_IDLE_MS        | ``30000``: pending this long = its worker died |
+| FLASHSALE_ADMIN_TOKEN          | none: admin routes disabled               |
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+
+__all__ = ["ConfigError", "Settings"]
+
+
+class ConfigError(RuntimeError):
+    """The environment does not describe a runnable engine."""
+
+
+def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    environment: str = "production"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    database_url: str = "postgresql://postgres@127.0.0.1:5432/flashsale"
+    jwt_secret: str | None = None
+    jwt_public_key: str | None = None
+    jwt_private_key: str | None = field(default=None, repr=False)
+    jwt_issuer: str = "flashsale"
+    jwt_audience: str = "flashsale-shoppers"
+    hold_seconds: int = 600
+    server_workers: int = 1
+    host: str = "127.0.0.1"
+    port: int = 8000
+    redis_pool_size: int = 64
+    max_body_bytes: int = 4096
+    drain_batch: int = 1000
+    claim_idle_ms: int = 30_000
+    admin_token: str | None = field(default=None, repr=False)
+
+    @property
+    def jwt_algorithm(self) -> str:
+        # Pinned: a token's own "alg" header is never trusted to choose.
+        return "RS256" if self.jwt_public_key else "HS256"
+
+    @property
+    def jwt_verify_key(self) -> str:
+        key = self.jwt_public_key or self.jwt_secret
+        if not key:
+            raise ConfigError(
+                "no JWT key: set FLASHSALE_JWT_SECRET (HS256) or FLASHSALE_JWT_PUBLIC_KEY (RS256)"
+            )
+        return key
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Settings:
+        env = os.environ if env is None else env
+        environment = env.get("FLASHSALE_ENV", "production")
+        if environment not in ("production", "development", "test"):
+            raise ConfigError(
+                f"FLASHSALE_ENV must be production, development or test, got {environment!r}"
+            )
+        settings = cls(
+            environment=environment,
+            redis_url=env.get("FLASHSALE_REDIS_URL", cls.redis_url),
+            database_url=env.get("FLASHSALE_DATABASE_URL", cls.database_url),
+            jwt_secret=env.get("FLASHSALE_JWT_SECRET") or None,
+            jwt_public_key=env.get("FLASHSALE_JWT_PUBLIC_KEY") or None,
+            jwt_private_key=env.get("FLASHSALE_JWT_PRIVATE_KEY") or None,
+            jwt_issuer=env.get("FLASHSALE_JWT_ISSUER", cls.jwt_issuer),
+            jwt_audience=env.get("FLASHSALE_JWT_AUDIENCE", cls.jwt_audience),
+            hold_seconds=_int(env, "FLASHSALE_HOLD_SECONDS", cls.hold_seconds, 1),
+            server_workers=_int(env, "FLASHSALE_SERVER_WORKERS", cls.server_workers, 1),
+            host=env.get("FLASHSALE_HOST", cls.host),
+            port=_int(env, "FLASHSALE_PORT", cls.port, 0),
+            redis_pool_size=_int(env, "FLASHSALE_REDIS_POOL_SIZE", cls.redis_pool_size, 1),
+            max_body_bytes=_int(env, "FLASHSALE_MAX_BODY_BYTES", cls.max_body_bytes, 64),
+            drain_batch=_int(env, "FLASHSALE_DRAIN_BATCH", cls.drain_batch, 1),
+            claim_idle_ms=_int(env, "FLASHSALE_CLAIM_IDLE_MS", cls.claim_idle_ms, 1),
+            admin_token=env.get("FLASHSALE_ADMIN_TOKEN") or None,
+        )
+        if settings.environment == "production" and not (
+            settings.jwt_secret or settings.jwt_public_key
+        ):
+            raise ConfigError(
+                "refusing to start in production without a JWT key: set FLASHSALE_JWT_SECRET "
+                "or FLASHSALE_JWT_PUBLIC_KEY (or FLASHSALE_ENV=development for a throwaway one)"
+            )
+        if settings.jwt_secret is None and settings.jwt_public_key is None:
+            # Development only: a key that dies with the process, so nothing can rely on it.
+            settings = replace(settings, jwt_secret=secrets.token_urlsafe(32))
+        return settings
+
+    def as_env(self) -> dict[str, str]:
+        """The environment that reproduces these settings in a child process."""
+        env = {
+            "FLASHSALE_ENV": self.environment,
+            "FLASHSALE_REDIS_URL": self.redis_url,
+            "FLASHSALE_DATABASE_URL": self.database_url,
+            "FLASHSALE_JWT_ISSUER": self.jwt_issuer,
+            "FLASHSALE_JWT_AUDIENCE": self.jwt_audience,
+            "FLASHSALE_HOLD_SECONDS": str(self.hold_seconds),
+            "FLASHSALE_SERVER_WORKERS": str(self.server_workers),
+            "FLASHSALE_HOST": self.host,
+            "FLASHSALE_PORT": str(self.port),
+            "FLASHSALE_REDIS_POOL_SIZE": str(self.redis_pool_size),
+            "FLASHSALE_MAX_BODY_BYTES": str(self.max_body_bytes),
+            "FLASHSALE_DRAIN_BATCH": str(self.drain_batch),
+            "FLASHSALE_CLAIM_IDLE_MS": str(self.claim_idle_ms),
+        }
+        optional = {
+            "FLASHSALE_JWT_SECRET": self.jwt_secret,
+            "FLASHSALE_JWT_PUBLIC_KEY": self.jwt_public_key,
+            "FLASHSALE_JWT_PRIVATE_KEY": self.jwt_private_key,
+            "FLASHSALE_ADMIN_TOKEN": self.admin_token,
+        }
+        env.update({k: v for k, v in optional.items() if v is not None})
+        return env

@@ -1,0 +1,32 @@
+--[[
+  load_sale: put a sale's definition into Redis. Loading again updates the definition but never
+  the live counters (stock, held, sold), so a re-run of `flashsale sale create` is harmless.
+
+  KEYS[1] sale hash   KEYS[2] stock   KEYS[3] outbox
+
+  ARGV[1] outbox consumer group name
+  ARGV[2] initial stock
+  ARGV[3..] field, value, field, value ... (id, status, start_ms, end_ms, price, currency,
+            per_user_limit, per_order_max, hold_ms, name)
+
+  Returns {code}:
+     1 LOADED    first load: stock set, counters zeroed, consumer group created
+     4 UPDATED   already loaded: definition fields replaced, counters untouched
+]]
+local rcall = redis.call
+
+local fields = {}
+for i = 3, #ARGV do
+  fields[#fields + 1] = ARGV[i]
+end
+
+if rcall('EXISTS', KEYS[1]) == 1 then
+  rcall('HSET', KEYS[1], unpack(fields))
+  return {4}
+end
+
+rcall('HSET', KEYS[1], 'initial_stock', ARGV[2], 'held', 0, 'sold', 0, unpack(fields))
+rcall('SET', KEYS[2], ARGV[2])
+-- Group from id 0 so not one entry written before the first worker starts is skipped.
+pcall(rcall, 'XGROUP', 'CREATE', KEYS[3], ARGV[1], '0', 'MKSTREAM')
+return {1}

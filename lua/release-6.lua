@@ -1,0 +1,53 @@
+--[[
+  release: end a live hold (cancel, expire or fail) and give back its stock and the shopper's
+  count exactly once, whatever number of times and in whatever order the callers arrive.
+
+  KEYS[1] sale hash   KEYS[2] stock   KEYS[3] users   KEYS[4] holds   KEYS[5] outbox
+  KEYS[6] order hash
+
+  ARGV[1] order id
+  ARGV[2] new state: 'cancelled' | 'expired' | 'failed'
+  ARGV[3] owner user id to check, or '' to skip the check (workers)
+
+  Returns {code, state, version}:
+     1 OK             the hold ended now; state is ARGV[2]
+     3 ALREADY_FINAL  the order had already left 'reserved'; its state is returned, nothing written
+   -11 ORDER_NOT_FOUND  (also when ARGV[3] names someone else: do not reveal others' orders)
+   -12 NOT_DUE        'expired' asked before the hold's expiry; nothing written
+   -13 INVALID_STATE  ARGV[2] is not a release state
+]]
+local rcall = redis.call
+
+local target = ARGV[2]
+if target ~= 'cancelled' and target ~= 'expired' and target ~= 'failed' then
+  return {-13}
+end
+
+local order = rcall('HMGET', KEYS[6], 'user', 'qty', 'state', 'expires_ms', 'version',
+                    'created_ms', 'idem')
+if not order[1] or (ARGV[3] ~= '' and order[1] ~= ARGV[3]) then
+  return {-11}
+end
+if order[3] ~= 'reserved' then
+  return {3, order[3], tonumber(order[5])}
+end
+
+local t = rcall('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if target == 'expired' and now < tonumber(order[4]) then
+  return {-12, order[3], tonumber(order[5])}
+end
+
+local user, qty = order[1], tonumber(order[2])
+local version = tonumber(order[5]) + 1
+rcall('INCRBY', KEYS[2], qty)
+if rcall('HINCRBY', KEYS[3], user, -qty) <= 0 then
+  rcall('HDEL', KEYS[3], user)
+end
+rcall('HINCRBY', KEYS[1], 'held', -qty)
+rcall('HSET', KEYS[6], 'state', target, 'version', version, 'updated_ms', now)
+rcall('ZREM', KEYS[4], ARGV[1])
+rcall('XADD', KEYS[5], '*',
+      'order', ARGV[1], 'user', user, 'qty', qty, 'state', target, 'version', version,
+      'created_ms', order[6], 'expires_ms', order[4], 'at_ms', now, 'idem', order[7])
+return {1, target, version}

@@ -1,0 +1,1 @@
+"""arq workers: drain outboxes into the Postgres ledger and expire unpaid holds."""

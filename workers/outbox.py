@@ -1,0 +1,89 @@
+"""Move outbox stream entries into the Postgres ledger, exactly once in effect.
+
+Each sale's outbox is read through the consumer group ``ledger``. An entry is acknowledged (and
+deleted, so the stream does not grow without bound) only after the batch it came in has been
+committed. A worker that dies between reading and acknowledging leaves its entries pending; the
+next drain by any worker claims entries pending longer than ``claim_idle_ms`` and writes them
+again, which the ledger's version check makes harmless.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import asyncpg
+from redis.asyncio import Redis
+from redis.exceptions import ResponseError
+
+from engine.keys import OUTBOX_GROUP, sale_keys
+from engine.ledger import OrderChange, write_changes
+
+__all__ = ["drain_sale"]
+
+log = logging.getLogger("flashsale.outbox")
+
+Entry = tuple[str, dict[str, str]]
+
+
+async def _write_and_ack(redis: Redis, db: asyncpg.Pool, sale_id: str, entries: list[Entry]) -> int:
+    if not entries:
+        return 0
+    # Claimed entries may have been trimmed already (XAUTOCLAIM reports those as empty).
+    changes = [OrderChange.from_entry(sale_id, fields) for _, fields in entries if fields]
+    await write_changes(db, changes)
+    # Only now, after the commit: if we die before this line, the entries stay pending and are
+    # written again by whoever claims them.
+    outbox = sale_keys(sale_id).outbox
+    ids = [entry_id for entry_id, _ in entries]
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xack(outbox, OUTBOX_GROUP, *ids)
+        pipe.xdel(outbox, *ids)
+        await pipe.execute()
+    return len(changes)
+
+
+async def _read(redis: Redis, outbox: str, consumer: str, start: str, count: int) -> list[Entry]:
+    try:
+        reply: Any = await redis.xreadgroup(OUTBOX_GROUP, consumer, {outbox: start}, count=count)
+    except ResponseError as exc:
+        if "NOGROUP" not in str(exc):
+            raise
+        # The stream or group vanished (a Redis restored without them): recreate from the
+        # beginning so nothing still in the stream is skipped.
+        await redis.xgroup_create(outbox, OUTBOX_GROUP, id="0", mkstream=True)
+        return []
+    if not reply:
+        return []
+    return [(entry_id, fields) for entry_id, fields in reply[0][1]]
+
+
+async def drain_sale(
+    redis: Redis, db: asyncpg.Pool, sale_id: str, consumer: str, batch: int, claim_idle_ms: int
+) -> int:
+    """One pass over a sale's outbox: my own pending entries, then entries a dead worker left
+    pending, then new ones. Returns the number of changes written."""
+    outbox = sale_keys(sale_id).outbox
+    written = 0
+    # 1. Entries this consumer read before but did not acknowledge (the last write failed).
+    written += await _write_and_ack(
+        redis, db, sale_id, await _read(redis, outbox, consumer, "0", batch)
+    )
+    # 2. Entries another consumer has held longer than any healthy batch takes: it died.
+    try:
+        _, claimed, _ = await redis.xautoclaim(
+            outbox, OUTBOX_GROUP, consumer, min_idle_time=claim_idle_ms, count=batch
+        )
+    except ResponseError as exc:
+        if "NOGROUP" not in str(exc):
+            raise
+        claimed = []
+    if claimed:
+        log.info("claimed %d outbox entries of %s left by a dead worker", len(claimed), sale_id)
+        written += await _write_and_ack(redis, db, sale_id, [(i, f) for i, f in claimed])
+    # 3. New entries, batch by batch until the stream is empty.
+    while True:
+        entries = await _read(redis, outbox, consumer, ">", batch)
+        written += await _write_and_ack(redis, db, sale_id, entries)
+        if len(entries) < batch:
+            return written
