@@ -32,7 +32,8 @@ def connect_redis(settings: Settings, pool_size: int | None = None) -> Redis:
         decode_responses=True,
         health_check_interval=0,
     )
-    return Redis(connection_pool=pool)
+    # from_pool: the client owns the pool, so aclose() closes its connections too.
+    return Redis.from_pool(pool)
 
 
 async def connect_postgres(

@@ -116,6 +116,9 @@ class Settings:
                 "refusing to start in production without a JWT key: set FLASHSALE_JWT_SECRET "
                 "or FLASHSALE_JWT_PUBLIC_KEY (or FLASHSALE_ENV=development for a throwaway one)"
             )
+        if settings.jwt_secret is not None and len(settings.jwt_secret.encode()) < 32:
+            # RFC 7518 3.2: an HS256 key shorter than the hash is guessable offline.
+            raise ConfigError("FLASHSALE_JWT_SECRET must be at least 32 bytes")
         if settings.jwt_secret is None and settings.jwt_public_key is None:
             # Development only: a key that dies with the process, so nothing can rely on it.
             settings = replace(settings, jwt_secret=secrets.token_urlsafe(32))

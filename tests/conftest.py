@@ -1,0 +1,107 @@
+"""Fixtures: real Redis and Postgres, started once for the session by ``engine.localservices``,
+flushed (Redis) and truncated (Postgres) before every test that uses them."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+from redis.asyncio import Redis
+
+from engine import localservices
+from engine.db import connect_postgres, connect_redis, migrate
+from engine.inventory import SaleDefinition, load_sale
+from engine.sales import create_sale
+from engine.scripts import load_scripts
+from engine.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+SERVICES_DIR = ROOT / ".flashsale" / "test"
+
+SaleFactory = Callable[..., Awaitable[SaleDefinition]]
+
+
+@pytest.fixture(scope="session")
+def services() -> Iterator[dict[str, str]]:
+    localservices.ensure_installed()
+    urls = localservices.up(SERVICES_DIR)
+    asyncio.run(migrate(urls["postgres_dsn"]))
+    yield urls
+    localservices.down(SERVICES_DIR)
+
+
+@pytest.fixture(scope="session")
+def settings(services: dict[str, str]) -> Settings:
+    return Settings(
+        environment="test",
+        redis_url=services["redis_url"],
+        database_url=services["postgres_dsn"],
+        jwt_secret="test-" + secrets.token_hex(16),
+        # Tests kill workers on purpose; their entries are reclaimed after half a second.
+        claim_idle_ms=500,
+    )
+
+
+@pytest.fixture
+async def redis(settings: Settings) -> AsyncIterator[Redis]:
+    client = connect_redis(settings, pool_size=64)
+    await client.flushdb()
+    await load_scripts(client)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def db(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
+    pool = await connect_postgres(settings, min_size=1, max_size=8)
+    await pool.execute("TRUNCATE sales, orders, order_events CASCADE")
+    yield pool
+    await pool.close()
+
+
+def sale_definition(**overrides: Any) -> SaleDefinition:
+    now_ms = int(time.time() * 1000)
+    fields: dict[str, Any] = {
+        "id": "s-" + secrets.token_hex(4),
+        "name": "Test drop",
+        "stock": 100,
+        "price": 1500,
+        "currency": "usd",
+        "per_user_limit": 2,
+        "per_order_max": 2,
+        "hold_seconds": 600,
+        "start_ms": now_ms - 60_000,
+        "end_ms": now_ms + 3_600_000,
+    }
+    fields.update(overrides)
+    return SaleDefinition(**fields)
+
+
+@pytest.fixture
+def redis_sale(redis: Redis) -> SaleFactory:
+    """A sale loaded into Redis only: for script tests that do not need the ledger."""
+
+    async def make(**overrides: Any) -> SaleDefinition:
+        sale = sale_definition(**overrides)
+        await load_sale(redis, sale)
+        return sale
+
+    return make
+
+
+@pytest.fixture
+def ledger_sale(redis: Redis, db: asyncpg.Pool) -> SaleFactory:
+    """A sale created the way operators create one: Postgres first, then Redis."""
+
+    async def make(**overrides: Any) -> SaleDefinition:
+        sale = sale_definition(**overrides)
+        await create_sale(db, redis, sale)
+        return sale
+
+    return make
