@@ -32,9 +32,10 @@ def _pg_bin() -> Path | None:
     found = shutil.which("pg_ctl")
     if found:
         return Path(found).resolve().parent
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
-                      key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit()
-                      else 0)  # fmt: skip
+    versions = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
     return versions[-1].parent if versions else None
 
 
@@ -123,12 +124,31 @@ def start_redis(
     server = RedisServer(port=port or free_port(), dir=data)
     log = data / "redis.log"
     subprocess.run(
-        ["redis-server", "--bind", "127.0.0.1", "--port", str(server.port),
-         "--dir", str(data), "--daemonize", "yes", "--pidfile", str(data / "redis.pid"),
-         "--logfile", str(log), "--appendonly", "yes", "--appendfsync", appendfsync,
-         "--save", "", "--protected-mode", "no"],
+        [
+            "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(server.port),
+            "--dir",
+            str(data),
+            "--daemonize",
+            "yes",
+            "--pidfile",
+            str(data / "redis.pid"),
+            "--logfile",
+            str(log),
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            appendfsync,
+            "--save",
+            "",
+            "--protected-mode",
+            "no",
+        ],
         check=True,
-    )  # fmt: skip
+    )
     deadline = time.monotonic() + 20
     while not server.ping():
         if time.monotonic() > deadline:
@@ -171,10 +191,23 @@ class PostgresServer:
         pg_bin = _pg_bin()
         assert pg_bin is not None
         result = subprocess.run(
-            [str(pg_bin / "psql"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres",
-             "-d", database, "-tAc", sql],
-            check=True, capture_output=True, text=True,
-        )  # fmt: skip
+            [
+                str(pg_bin / "psql"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.port),
+                "-U",
+                "postgres",
+                "-d",
+                database,
+                "-tAc",
+                sql,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
         return result.stdout.strip()
 
     def create_database(self, name: str) -> None:
@@ -212,10 +245,22 @@ def start_postgres(base_dir: Path, port: int | None = None) -> PostgresServer:
     _give_to_postgres(server.dir)
     if not (server.data / "PG_VERSION").exists():
         subprocess.run(
-            _as_postgres([str(pg_bin / "initdb"), "-D", str(server.data), "-U", "postgres",
-                          "--auth=trust", "-E", "UTF8", "--locale=C.UTF-8"]),
-            check=True, capture_output=True,
-        )  # fmt: skip
+            _as_postgres(
+                [
+                    str(pg_bin / "initdb"),
+                    "-D",
+                    str(server.data),
+                    "-U",
+                    "postgres",
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                    "--locale=C.UTF-8",
+                ]
+            ),
+            check=True,
+            capture_output=True,
+        )
     log = server.dir / "postgres.log"
     options = (
         f"-c listen_addresses=127.0.0.1 -p {server.port} -c unix_socket_directories='' "
@@ -279,12 +324,19 @@ def main(argv: list[str] | None = None) -> int:
         description="Start or stop a local Redis and PostgreSQL for flashsale, on loopback, "
         "with their data in --dir.",
     )
-    parser.add_argument("action", choices=["up", "down", "status", "env"],
-                        help="up: start (idempotent); down: stop; status: show; "
-                        "env: print shell exports for FLASHSALE_REDIS_URL/DATABASE_URL")  # fmt: skip
+    parser.add_argument(
+        "action",
+        choices=["up", "down", "status", "env"],
+        help="up: start (idempotent); down: stop; status: show; "
+        "env: print shell exports for FLASHSALE_REDIS_URL/DATABASE_URL",
+    )
     parser.add_argument("--dir", default=".flashsale/local", type=Path)
-    parser.add_argument("--appendfsync", default="everysec", choices=APPENDFSYNC_MODES,
-                        help="Redis AOF fsync policy (default everysec)")  # fmt: skip
+    parser.add_argument(
+        "--appendfsync",
+        default="everysec",
+        choices=APPENDFSYNC_MODES,
+        help="Redis AOF fsync policy (default everysec)",
+    )
     args = parser.parse_args(argv)
     if args.action == "down":
         down(args.dir)

@@ -101,12 +101,14 @@ async def test_someone_elses_order_is_not_found(
     sale = await redis_sale()
     order = (await place(client, settings, sale)).json()
     other = auth(settings, "mallory")
-    assert_problem(await client.get(f"/v1/orders/{order['id']}", headers=other), 404,
-                   "order-not-found")  # fmt: skip
+    assert_problem(
+        await client.get(f"/v1/orders/{order['id']}", headers=other), 404, "order-not-found"
+    )
     cancel = await client.post(f"/v1/orders/{order['id']}/cancel", headers=other)
     assert_problem(cancel, 404, "order-not-found")
-    assert_problem(await client.get("/v1/orders/not-an-order", headers=other), 404,
-                   "order-not-found")  # fmt: skip
+    assert_problem(
+        await client.get("/v1/orders/not-an-order", headers=other), 404, "order-not-found"
+    )
 
 
 async def test_expired_order_is_not_cancellable(
@@ -178,14 +180,17 @@ async def test_bad_tokens(client: httpx.AsyncClient, settings: Settings, redis_s
         {"Authorization": f"Bearer {mint_token(wrong_key, 'alice')}"},
     ]
     for headers in cases:
-        response = await client.post(url, json={"quantity": 1},
-                                     headers={**headers, "Idempotency-Key": "k"})  # fmt: skip
+        response = await client.post(
+            url, json={"quantity": 1}, headers={**headers, "Idempotency-Key": "k"}
+        )
         assert_problem(response, 401, "invalid-token")
         assert response.headers["www-authenticate"].startswith("Bearer")
     await asyncio.sleep(2.1)
-    response = await client.post(url, json={"quantity": 1},
-                                 headers={"Authorization": f"Bearer {expired}",
-                                          "Idempotency-Key": "k"})  # fmt: skip
+    response = await client.post(
+        url,
+        json={"quantity": 1},
+        headers={"Authorization": f"Bearer {expired}", "Idempotency-Key": "k"},
+    )
     assert_problem(response, 401, "invalid-token")
 
 
@@ -196,8 +201,9 @@ async def test_idempotency_key_is_required_and_checked(
     url = f"/v1/sales/{sale.id}/orders"
     response = await client.post(url, json={"quantity": 1}, headers=auth(settings))
     assert_problem(response, 400, "missing-idempotency-key")
-    response = await client.post(url, json={"quantity": 1},
-                                 headers=auth(settings, **{"Idempotency-Key": "has space"}))  # fmt: skip
+    response = await client.post(
+        url, json={"quantity": 1}, headers=auth(settings, **{"Idempotency-Key": "has space"})
+    )
     assert_problem(response, 400, "invalid-idempotency-key")
 
 
@@ -215,10 +221,14 @@ async def test_idempotency_key_is_required_and_checked(
         (b'{"quantity": 1.5}', "application/json", 422, "invalid-quantity"),
         (b'{"quantity": 100000000000}', "application/json", 422, "invalid-quantity"),
         (b'{"quantity": 1}', "text/plain", 415, "unsupported-media-type"),
-        (b'{"quantity": 1, "pad": "' + b"x" * 5000 + b'"}', "application/json", 413,
-         "body-too-large"),
+        (
+            b'{"quantity": 1, "pad": "' + b"x" * 5000 + b'"}',
+            "application/json",
+            413,
+            "body-too-large",
+        ),
     ],
-)  # fmt: skip
+)
 async def test_malformed_bodies_change_nothing(
     client: httpx.AsyncClient,
     settings: Settings,

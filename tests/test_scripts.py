@@ -176,10 +176,17 @@ async def test_reserve_refuses_to_overwrite_a_taken_order_id(redis: Redis, redis
     before = await snapshot(redis)
     reply = await SCRIPTS["reserve"](
         redis,
-        [keys.sale, keys.stock, keys.users, keys.holds, keys.outbox, keys.order(hold.order_id),
-         keys.idempotency("bob", "k9")],
+        [
+            keys.sale,
+            keys.stock,
+            keys.users,
+            keys.holds,
+            keys.outbox,
+            keys.order(hold.order_id),
+            keys.idempotency("bob", "k9"),
+        ],
         [hold.order_id, "bob", 1, 1, 60, "k9"],
-    )  # fmt: skip
+    )
     assert reply == [Code.ORDER_ID_TAKEN]
     assert await snapshot(redis) == before
 

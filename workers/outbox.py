@@ -70,17 +70,26 @@ async def drain_sale(
         redis, db, sale_id, await _read(redis, outbox, consumer, "0", batch)
     )
     # 2. Entries another consumer has held longer than any healthy batch takes: it died.
-    try:
-        _, claimed, _ = await redis.xautoclaim(
-            outbox, OUTBOX_GROUP, consumer, min_idle_time=claim_idle_ms, count=batch
-        )
-    except ResponseError as exc:
-        if "NOGROUP" not in str(exc):
-            raise
-        claimed = []
-    if claimed:
-        log.info("claimed %d outbox entries of %s left by a dead worker", len(claimed), sale_id)
-        written += await _write_and_ack(redis, db, sale_id, [(i, f) for i, f in claimed])
+    cursor = "0-0"
+    while True:
+        try:
+            cursor, claimed, _ = await redis.xautoclaim(
+                outbox,
+                OUTBOX_GROUP,
+                consumer,
+                min_idle_time=claim_idle_ms,
+                start_id=cursor,
+                count=batch,
+            )
+        except ResponseError as exc:
+            if "NOGROUP" not in str(exc):
+                raise
+            break
+        if claimed:
+            log.info("claimed %d outbox entries of %s from a dead worker", len(claimed), sale_id)
+            written += await _write_and_ack(redis, db, sale_id, [(i, f) for i, f in claimed])
+        if cursor == "0-0":
+            break
     # 3. New entries, batch by batch until the stream is empty.
     while True:
         entries = await _read(redis, outbox, consumer, ">", batch)

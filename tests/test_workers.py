@@ -1,0 +1,165 @@
+"""Workers: the outbox drain into Postgres and hold expiry, in-process and as real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import asyncpg
+from redis.asyncio import Redis
+
+from engine import inventory
+from engine.errors import Conflict
+from engine.invariants import audit_sale, outbox_backlog, wait_for_ledger
+from engine.keys import OUTBOX_GROUP, sale_keys
+from engine.ledger import OrderChange, write_changes
+from engine.settings import Settings
+from tests.conftest import SaleFactory
+from workers.holds import expire_sale
+from workers.outbox import drain_sale
+
+
+async def flood(redis: Redis, sale_id: str, calls: int, shoppers: int) -> set[str]:
+    async def one(i: int) -> str | None:
+        try:
+            hold = await inventory.reserve(redis, sale_id, f"u{i % shoppers}", 1 + i % 2, f"k{i}")
+        except Conflict:
+            return None
+        return hold.order_id
+
+    return {o for o in await asyncio.gather(*(one(i) for i in range(calls))) if o}
+
+
+async def test_drain_after_a_flood_makes_the_ledger_exact(
+    redis: Redis, db: asyncpg.Pool, ledger_sale: SaleFactory
+):
+    sale = await ledger_sale(stock=300, per_user_limit=2, per_order_max=2)
+    accepted = await flood(redis, sale.id, 3000, 1500)
+    cancelled = sorted(accepted)[:40]
+    for order_id in cancelled:
+        await inventory.release(redis, sale.id, order_id, "cancelled")
+
+    written = await drain_sale(redis, db, sale.id, "c1", batch=250, claim_idle_ms=60_000)
+    assert written == len(accepted) + len(cancelled)
+    audit = await audit_sale(redis, db, sale.id, accepted)
+    assert audit.ok, audit.violations
+    assert audit.orders_in_ledger == len(accepted)
+    assert audit.states == {"reserved": len(accepted) - 40, "cancelled": 40}
+    events = await db.fetchval("SELECT count(*) FROM order_events")
+    assert events == len(accepted) + len(cancelled)
+    assert await redis.xlen(sale_keys(sale.id).outbox) == 0  # acknowledged and deleted
+
+    assert await drain_sale(redis, db, sale.id, "c1", batch=250, claim_idle_ms=60_000) == 0
+
+
+async def test_an_older_change_never_overwrites_a_newer_one(
+    redis: Redis, db: asyncpg.Pool, ledger_sale: SaleFactory
+):
+    sale = await ledger_sale()
+    hold = await inventory.reserve(redis, sale.id, "alice", 1, "k1")
+    await inventory.release(redis, sale.id, hold.order_id, "cancelled")
+    entries = [fields for _, fields in await redis.xrange(sale_keys(sale.id).outbox)]
+    newest, oldest = (OrderChange.from_entry(sale.id, f) for f in reversed(entries))
+    await write_changes(db, [newest])
+    await write_changes(db, [oldest])  # a redelivery, late and out of order
+    await write_changes(db, [oldest, newest, oldest])  # duplicates inside one batch
+    row = await db.fetchrow("SELECT state, version FROM orders WHERE id = $1", hold.order_id)
+    assert (row["state"], row["version"]) == ("cancelled", 2)
+    assert await db.fetchval("SELECT count(*) FROM order_events") == 2
+    try:
+        await db.execute("UPDATE orders SET version = 1 WHERE id = $1", hold.order_id)
+    except asyncpg.CheckViolationError:
+        pass
+    else:
+        raise AssertionError("the ledger let a version go backwards")
+
+
+async def test_entries_of_a_dead_consumer_are_claimed_once(
+    redis: Redis, db: asyncpg.Pool, ledger_sale: SaleFactory
+):
+    sale = await ledger_sale(stock=500)
+    accepted = await flood(redis, sale.id, 400, 400)
+    outbox = sale_keys(sale.id).outbox
+    # A consumer reads a batch, commits it, and dies before XACK: the worst moment.
+    reply = await redis.xreadgroup(OUTBOX_GROUP, "dead", {outbox: ">"}, count=150)
+    read = reply[0][1]
+    await write_changes(db, [OrderChange.from_entry(sale.id, f) for _, f in read])
+
+    written = await drain_sale(redis, db, sale.id, "alive", batch=100, claim_idle_ms=60_000)
+    assert written == len(accepted) - 150  # not claimable yet: the dead one may be slow
+    await asyncio.sleep(0.25)
+    written = await drain_sale(redis, db, sale.id, "alive", batch=100, claim_idle_ms=200)
+    assert written == 150
+    assert await outbox_backlog(redis, sale.id) == 0
+    audit = await audit_sale(redis, db, sale.id, accepted)
+    assert audit.ok, audit.violations
+    assert await db.fetchval("SELECT count(*) FROM order_events") == len(accepted)
+
+
+async def test_expiry_releases_due_holds_only(
+    redis: Redis, db: asyncpg.Pool, ledger_sale: SaleFactory
+):
+    short = await ledger_sale(stock=100, hold_seconds=1)
+    long = await ledger_sale(stock=100, hold_seconds=600)
+    short_orders = await flood(redis, short.id, 60, 60)
+    long_orders = await flood(redis, long.id, 60, 60)
+    assert await expire_sale(redis, short.id) == 0
+    await asyncio.sleep(1.1)
+    assert await expire_sale(redis, short.id) == len(short_orders)
+    assert await expire_sale(redis, long.id) == 0
+    assert await expire_sale(redis, short.id) == 0
+    assert await redis.get(sale_keys(short.id).stock) == "100"
+    for sale, accepted in ((short, short_orders), (long, long_orders)):
+        await drain_sale(redis, db, sale.id, "c", batch=100, claim_idle_ms=60_000)
+        audit = await audit_sale(redis, db, sale.id, accepted)
+        assert audit.ok, audit.violations
+    assert (await audit_sale(redis, db, short.id)).states == {"expired": len(short_orders)}
+
+
+def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, **settings.as_env()}
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "engine.cli", "worker"], env=env, stdout=out, stderr=out
+        )
+
+
+async def test_sigkill_mid_drain_loses_and_duplicates_nothing(
+    redis: Redis, db: asyncpg.Pool, ledger_sale: SaleFactory, settings: Settings, tmp_path: Path
+):
+    sale = await ledger_sale(stock=30_000, per_user_limit=2, per_order_max=2)
+    accepted = await flood(redis, sale.id, 12_000, 6_000)
+    total = len(accepted)
+    # Small batches make the drain take long enough to be killed in the middle of it.
+    worker_settings = replace(settings, drain_batch=50, claim_idle_ms=500)
+    log = tmp_path / "worker.log"
+    kills = 0
+    proc = start_worker(worker_settings, log)
+    try:
+        for target in (total // 4, total // 2, (3 * total) // 4):
+            deadline = time.monotonic() + 60
+            while await db.fetchval("SELECT count(*) FROM orders") < target:
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, "worker made no progress"
+                await asyncio.sleep(0.005)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            kills += 1
+            in_ledger = await db.fetchval("SELECT count(*) FROM orders")
+            assert in_ledger < total, "killed too late to prove anything"
+            proc = start_worker(worker_settings, log)
+        await wait_for_ledger(redis, sale.id, timeout_s=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert kills == 3
+    audit = await audit_sale(redis, db, sale.id, accepted)
+    assert audit.ok, audit.violations
+    assert audit.orders_in_ledger == total
+    assert await db.fetchval("SELECT count(*) FROM order_events") == total
