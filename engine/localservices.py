@@ -326,8 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "action",
-        choices=["up", "down", "status", "env"],
-        help="up: start (idempotent); down: stop; status: show; "
+        choices=["install", "up", "down", "status", "env"],
+        help="install: apt-get what is missing; up: start (idempotent); down: stop; "
+        "status: show; "
         "env: print shell exports for FLASHSALE_REDIS_URL/DATABASE_URL",
     )
     parser.add_argument("--dir", default=".flashsale/local", type=Path)
@@ -347,6 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(state) if state else "not running")
         return 0
     ensure_installed()
+    if args.action == "install":
+        print("redis-server and PostgreSQL are installed")
+        return 0
     urls = up(args.dir, args.appendfsync)
     if args.action == "env":
         print(f"export FLASHSALE_REDIS_URL={urls['redis_url']}")

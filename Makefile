@@ -1,0 +1,42 @@
+# The two commands a new machine needs: `make demo` and `make test` (see README.md).
+# Both install what they need first: Python packages into .venv, Debian's redis-server and
+# postgresql when missing (engine.localservices does that, and starts the servers itself).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint install services-up services-down clean
+
+demo: $(STAMP)
+	$(BIN)/python -m engine.cli demo
+
+test: $(STAMP)
+	$(BIN)/python -m engine.localservices install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+	$(BIN)/python -m pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+services-up: $(STAMP)
+	$(BIN)/python -m engine.localservices up
+
+services-down: $(STAMP)
+	$(BIN)/python -m engine.localservices down
+
+clean: services-down
+	rm -rf .flashsale
