@@ -15,7 +15,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from engine.inventory import read_sale
-from engine.keys import OUTBOX_GROUP, sale_keys
+from engine.keys import sale_keys
 from engine.ledger import ledger_orders
 
 __all__ = ["SaleAudit", "audit_sale", "redis_orders", "wait_for_ledger"]
@@ -57,15 +57,10 @@ async def redis_orders(redis: Redis, sale_id: str) -> dict[str, dict[str, str]]:
 
 
 async def outbox_backlog(redis: Redis, sale_id: str) -> int:
-    """Entries not yet written to the ledger: never delivered plus delivered but unacknowledged."""
-    outbox = sale_keys(sale_id).outbox
-    for group in await redis.xinfo_groups(outbox):
-        if group["name"] == OUTBOX_GROUP:
-            lag = group.get("lag")
-            # lag is None when Redis cannot tell (entries deleted mid-stream): count instead.
-            undelivered = await redis.xlen(outbox) if lag is None else int(lag)
-            return undelivered + int(group["pending"])
-    return await redis.xlen(outbox)
+    """Changes not yet in the ledger. The drain deletes an entry in the same MULTI that
+    acknowledges it, so whatever is still in the stream is undelivered or in flight."""
+    backlog: int = await redis.xlen(sale_keys(sale_id).outbox)
+    return backlog
 
 
 async def wait_for_ledger(redis: Redis, sale_id: str, timeout_s: float = 60.0) -> float:
@@ -122,7 +117,7 @@ async def audit_sale(
     over = [user for user, n in per_user.items() if n > limit]
     if over:
         bad(f"{len(over)} shoppers above the limit of {limit}, e.g. {over[:3]}")
-    users: dict[str, str] = await redis.hgetall(sale_keys(sale_id).users)  # type: ignore[assignment]
+    users: dict[str, str] = await redis.hgetall(sale_keys(sale_id).users)
     counted = {user: int(n) for user, n in users.items()}
     if counted != dict(per_user):
         bad("per-user counters disagree with the orders they count")

@@ -220,5 +220,5 @@ async def read_sale(redis: Redis, sale_id: str) -> dict[str, str] | None:
 
 
 async def read_order(redis: Redis, sale_id: str, order_id: str) -> dict[str, str] | None:
-    order: dict[str, str] = await redis.hgetall(sale_keys(sale_id).order(order_id))  # type: ignore[assignment]
+    order: dict[str, str] = await redis.hgetall(sale_keys(sale_id).order(order_id))
     return order or None

@@ -1,58 +1,113 @@
 """Real Redis 7 and PostgreSQL 15 on loopback, in a project folder, for the demo, tests and CI.
 
-``up(dir)`` installs Debian's packages when missing, starts both servers on free ports (reusing
-ones still running from an earlier ``up``), waits until they answer, and records them in
-``dir/services.json``; ``down(dir)`` stops them. Both are idempotent.
+``up(dir)`` starts both servers on free ports (reusing ones still running from an earlier ``up``),
+waits until they answer and records them in ``dir/services.json``; ``down(dir)`` stops them. Both
+are idempotent. ``ensure_installed()`` apt-gets Debian's packages when they are missing.
 
-PostgreSQL refuses to run as root, so as root its data directory belongs to the ``postgres`` user
-and its commands run through ``runuser``.
+PostgreSQL refuses to run as root, so as root its folder belongs to the ``postgres`` user and its
+server tools run through ``runuser``. Debian's own cluster on 5432 is never used.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import functools
 import json
 import os
+import pwd
+import re
+import shlex
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
-__all__ = ["down", "ensure_installed", "free_port", "start_postgres", "start_redis", "up"]
+__all__ = [
+    "PostgresServer",
+    "RedisServer",
+    "create_database",
+    "down",
+    "ensure_installed",
+    "free_port",
+    "start_postgres",
+    "start_redis",
+    "status",
+    "up",
+]
 
 APPENDFSYNC_MODES = ("always", "everysec", "no")
 DATABASE = "flashsale"
+DEFAULT_DIR = Path(".flashsale/local")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+# Shared folders whose permissions are not ours to loosen even when root owns them.
+_SHARED_DIRS = {Path(p) for p in ("/var/tmp", "/var/lib", "/usr/local", "/usr/lib", "/run/user")}
 
 
+@functools.cache
 def _pg_bin() -> Path | None:
-    found = shutil.which("pg_ctl")
-    if found:
-        return Path(found).resolve().parent
-    versions = sorted(
-        Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
-        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
-    )
-    return versions[-1].parent if versions else None
+    """The bin folder of the newest PostgreSQL that has initdb and pg_ctl."""
+    found: dict[Path, tuple[int, ...]] = {}
+    for ctl in Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"):
+        found[ctl.parent] = tuple(int(n) for n in re.findall(r"\d+", ctl.parent.parent.name))
+    on_path = shutil.which("pg_ctl")
+    if on_path and (folder := Path(on_path).resolve().parent) not in found:
+        out = subprocess.run([on_path, "--version"], capture_output=True, text=True).stdout
+        found[folder] = tuple(int(n) for n in re.findall(r"\d+", out)[:2])
+    usable = [folder for folder in found if (folder / "initdb").exists()]
+    return max(usable, key=found.__getitem__, default=None)
+
+
+def _psql() -> str:
+    # Debian's /usr/bin/psql is a wrapper that guesses a cluster; the versioned one just connects.
+    folder = _pg_bin()
+    if folder and (folder / "psql").exists():
+        return str(folder / "psql")
+    return shutil.which("psql") or "psql"
+
+
+def _missing() -> list[str]:
+    missing = [] if shutil.which("redis-server") else ["redis-server"]
+    return missing + ([] if _pg_bin() else ["PostgreSQL initdb/pg_ctl"])
 
 
 def ensure_installed() -> None:
-    """Install Debian's redis-server and postgresql when either is missing."""
-    if shutil.which("redis-server") and _pg_bin():
+    """apt-get install redis-server and postgresql when either is missing."""
+    if not _missing():
         return
-    prefix = [] if os.geteuid() == 0 else ["sudo"]
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    subprocess.run([*prefix, "apt-get", "update", "-qq"], check=True, env=env)
-    subprocess.run(
-        [*prefix, "apt-get", "install", "-y", "-qq", "redis-server", "postgresql"],
-        check=True,
-        env=env,
-    )
-    if not (shutil.which("redis-server") and _pg_bin()):
-        raise RuntimeError("redis-server or PostgreSQL still missing after apt-get install")
+    if os.geteuid() == 0:
+        prefix = []
+    elif shutil.which("sudo"):
+        prefix = ["sudo"]
+    else:
+        raise RuntimeError(f"{', '.join(_missing())} missing; install them as root (no sudo here)")
+    # env inside sudo: sudo drops the caller's environment. The lock timeout makes us queue behind
+    # an apt that is already running instead of failing. Output goes to stderr so `env` stays eval-able.
+    apt = [
+        *prefix,
+        "env",
+        "DEBIAN_FRONTEND=noninteractive",
+        "apt-get",
+        "-o",
+        "DPkg::Lock::Timeout=600",
+    ]
+    try:
+        subprocess.run([*apt, "update"], check=True, stdout=2)
+        subprocess.run([*apt, "install", "-y", "redis-server", "postgresql"], check=True, stdout=2)
+    except subprocess.CalledProcessError as exc:
+        raise RuntimeError(f"apt-get failed ({exc}); install redis-server and postgresql") from exc
+    _pg_bin.cache_clear()
+    if missing := _missing():
+        raise RuntimeError(f"still missing after apt-get install: {', '.join(missing)}")
 
 
 def free_port() -> int:
@@ -62,12 +117,57 @@ def free_port() -> int:
         return port
 
 
-def _answers(port: int) -> bool:
+def _port_free(port: int) -> bool:
+    with socket.socket() as sock:
+        # As the servers do, so a port left in TIME_WAIT by our last run still counts as free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _connectable(port: int) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
             return True
     except OSError:
         return False
+
+
+def _alive(pid: int, program: str) -> bool:
+    # By name, not kill(pid, 0): after a crash or reboot a stale pid file may name someone else.
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip() == program
+    except OSError:
+        return False
+
+
+def _read_pid(path: Path) -> int | None:
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        return int(path.read_text().split()[0])
+    return None
+
+
+def _wait(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _terminate(pid: int, program: str) -> None:
+    """Wait for pid to exit after a polite request, then insist with SIGTERM and SIGKILL."""
+    for sig in (None, signal.SIGTERM, signal.SIGKILL):
+        if sig is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        if _wait(lambda: not _alive(pid, program), 15):
+            return
+    raise RuntimeError(f"{program} pid {pid} does not exit")
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -86,80 +186,68 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def ping(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(64).startswith(b"+PONG")
-        except OSError:
-            return False
+    @property
+    def pidfile(self) -> Path:
+        return self.dir / "redis.pid"
+
+    @property
+    def log(self) -> Path:
+        return self.dir / "redis.log"
+
+    def pid(self) -> int | None:
+        pid = _read_pid(self.pidfile)
+        return pid if pid is not None and _alive(pid, "redis-server") else None
+
+    def call(self, *args: str) -> bytes:
+        """One command over RESP, returning the raw first reply (no client library needed)."""
+        parts = [f"*{len(args)}\r\n".encode()]
+        parts += [b"$%d\r\n%s\r\n" % (len(a.encode()), a.encode()) for a in args]
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
+            sock.sendall(b"".join(parts))
+            return sock.recv(4096)
+
+    def running(self) -> bool:
+        with contextlib.suppress(OSError):
+            return self.pid() is not None and self.call("PING").startswith(b"+PONG")
+        return False
 
     def stop(self) -> None:
-        pidfile = self.dir / "redis.pid"
-        if not pidfile.exists():
-            return
-        try:
-            pid = int(pidfile.read_text().strip())
-            os.kill(pid, signal.SIGTERM)
-        except (ValueError, ProcessLookupError):
-            pidfile.unlink(missing_ok=True)
-            return
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.05)
-        pidfile.unlink(missing_ok=True)
+        if (pid := self.pid()) is not None:
+            # NOSAVE skips an RDB dump; Redis still flushes and fsyncs the AOF on the way out.
+            with contextlib.suppress(OSError):
+                self.call("SHUTDOWN", "NOSAVE")
+            _terminate(pid, "redis-server")
+        self.pidfile.unlink(missing_ok=True)
 
 
 def start_redis(
     base_dir: Path, port: int | None = None, appendfsync: str = "everysec"
 ) -> RedisServer:
     if appendfsync not in APPENDFSYNC_MODES:
-        raise ValueError(f"appendfsync must be one of {APPENDFSYNC_MODES}, got {appendfsync!r}")
-    data = base_dir / "redis"
-    data.mkdir(parents=True, exist_ok=True)
-    server = RedisServer(port=port or free_port(), dir=data)
-    log = data / "redis.log"
-    subprocess.run(
-        [
-            "redis-server",
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(server.port),
-            "--dir",
-            str(data),
-            "--daemonize",
-            "yes",
-            "--pidfile",
-            str(data / "redis.pid"),
-            "--logfile",
-            str(log),
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            appendfsync,
-            "--save",
-            "",
-            "--protected-mode",
-            "no",
-        ],
-        check=True,
-    )
-    deadline = time.monotonic() + 20
-    while not server.ping():
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"redis on port {server.port} did not start:\n{_tail(log)}")
-        time.sleep(0.05)
+        raise ValueError(f"appendfsync must be one of {APPENDFSYNC_MODES}, not {appendfsync!r}")
+    server = RedisServer(port or free_port(), base_dir.resolve() / "redis")
+    server.dir.mkdir(parents=True, exist_ok=True)
+    if (pid := server.pid()) is not None:
+        raise RuntimeError(f"redis-server pid {pid} already uses {server.dir}; stop it first")
+    server.pidfile.unlink(missing_ok=True)
+    # A second instance is never started over the first's AOF: the check above guards that.
+    started = subprocess.run(
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(server.port), "--dir", str(server.dir),
+         "--appendonly", "yes", "--appendfsync", appendfsync, "--save", "", "--daemonize", "yes",
+         "--pidfile", str(server.pidfile), "--logfile", str(server.log), "--protected-mode", "no"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    died = lambda: server.pidfile.exists() and server.pid() is None  # noqa: E731
+    if started.returncode != 0 or not _wait(lambda: server.running() or died(), 20) or died():
+        raise RuntimeError(
+            f"redis-server did not answer on 127.0.0.1:{server.port} within 20 s "
+            f"{started.stderr.strip()}\n{server.log}:\n{_tail(server.log)}"
+        )
     return server
 
 
-def _as_postgres(args: list[str]) -> list[str]:
-    # Postgres refuses root; as root, run its tools as the postgres user.
-    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
+def _as_postgres(cmd: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
 @dataclass
@@ -169,174 +257,257 @@ class PostgresServer:
 
     @property
     def dsn(self) -> str:
-        return f"postgresql://postgres@127.0.0.1:{self.port}/{DATABASE}"
+        return self.dsn_for(DATABASE)
+
+    def dsn_for(self, database: str) -> str:
+        return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"
 
     @property
     def data(self) -> Path:
         return self.dir / "data"
 
-    def _ctl(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[bytes]:
-        pg_bin = _pg_bin()
-        assert pg_bin is not None
-        return subprocess.run(
-            _as_postgres([str(pg_bin / "pg_ctl"), "-D", str(self.data), *args]),
-            check=check,
-            capture_output=True,
-        )
+    @property
+    def log(self) -> Path:
+        return self.dir / "postgres.log"
+
+    def postmaster(self) -> tuple[int, int] | None:
+        """(pid, port) of the postmaster running on this data directory, if one is alive."""
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            lines = (self.data / "postmaster.pid").read_text().splitlines()
+            if _alive(int(lines[0]), "postgres"):
+                return int(lines[0]), int(lines[3])
+        return None
 
     def running(self) -> bool:
-        return self._ctl("status", check=False).returncode == 0 and _answers(self.port)
+        return self.postmaster() is not None and _connectable(self.port)
 
     def psql(self, sql: str, database: str = "postgres") -> str:
-        pg_bin = _pg_bin()
-        assert pg_bin is not None
         result = subprocess.run(
-            [
-                str(pg_bin / "psql"),
-                "-h",
-                "127.0.0.1",
-                "-p",
-                str(self.port),
-                "-U",
-                "postgres",
-                "-d",
-                database,
-                "-tAc",
-                sql,
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
+            [_psql(), "-X", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", str(self.port),
+             "-U", "postgres", "-d", database, "-tAc", sql],
+            capture_output=True, text=True, env={**os.environ, "PGCONNECT_TIMEOUT": "5"},
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(f"psql on port {self.port} failed: {result.stderr.strip()}")
         return result.stdout.strip()
 
-    def create_database(self, name: str) -> None:
-        if self.psql(f"SELECT 1 FROM pg_database WHERE datname = '{name}'") != "1":
-            self.psql(f'CREATE DATABASE "{name}"')
+    def create_database(self, name: str) -> str:
+        """Create database name unless it exists; returns its DSN."""
+        if not _NAME.fullmatch(name):
+            raise ValueError(f"not a plain database name: {name!r}")
+        exists = f"SELECT 1 FROM pg_database WHERE datname = '{name}'"
+        if self.psql(exists) != "1":
+            try:
+                self.psql(f'CREATE DATABASE "{name}"')
+            except RuntimeError:
+                if self.psql(exists) != "1":  # otherwise a concurrent caller made it first
+                    raise
+        return self.dsn_for(name)
 
     def stop(self) -> None:
-        if (self.data / "postmaster.pid").exists():
-            self._ctl("stop", "-m", "fast", "-w", "-t", "60", check=False)
+        if self.postmaster() is None:
+            return  # a stale postmaster.pid is left for the next pg_ctl start to discard
+        folder = _pg_bin()
+        assert folder is not None, "a postmaster runs, so PostgreSQL is installed"
+        stop = [
+            str(folder / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "stop",
+            "-m",
+            "fast",
+            "-w",
+            "-t",
+            "60",
+        ]
+        result = subprocess.run(_as_postgres(stop), capture_output=True, text=True)
+        if result.returncode != 0 and self.postmaster() is not None:
+            raise RuntimeError(f"pg_ctl stop failed: {result.stderr.strip()}")
 
 
-def _give_to_postgres(path: Path) -> None:
-    if os.geteuid() != 0:
-        return
-    shutil.chown(path, "postgres", "postgres")
-    for root, dirs, files in os.walk(path):
-        for name in dirs + files:
-            shutil.chown(os.path.join(root, name), "postgres", "postgres")
-    # The postgres user must be able to reach the folder: open the parents we made ourselves
-    # (never system folders) for traversal only.
-    for parent in path.parents:
-        if parent == Path(parent.anchor) or str(parent) in ("/tmp", "/root", "/home", "/work"):
-            break
-        mode = parent.stat().st_mode
-        if not mode & 0o001:
-            parent.chmod(mode | 0o001)
+def create_database(dsn: str, name: str) -> str:
+    """Create database name on the server of dsn (as returned by up); returns the new DSN."""
+    port = urlsplit(dsn).port
+    if port is None:
+        raise ValueError(f"no port in {dsn!r}")
+    return PostgresServer(port, Path()).create_database(name)
+
+
+def _give_to_postgres(folder: Path) -> None:
+    try:
+        user = pwd.getpwnam("postgres")
+    except KeyError:
+        raise RuntimeError(
+            "running as root needs the postgres user (Debian's postgresql)"
+        ) from None
+    for root, dirs, files in os.walk(folder):
+        for name in [".", *dirs, *files]:
+            os.chown(os.path.join(root, name), user.pw_uid, user.pw_gid, follow_symlinks=False)
+    # postgres must traverse every parent. Open for traversal only folders root owns below the top
+    # level (a project checkout); /, /tmp, /root and shared folders keep their modes.
+    for parent in folder.parents:
+        info = parent.stat()
+        mine = info.st_uid == os.geteuid() and len(parent.parts) > 2
+        if not info.st_mode & stat.S_IXOTH and mine and parent not in _SHARED_DIRS:
+            parent.chmod(info.st_mode | stat.S_IXOTH)
+    if subprocess.run(_as_postgres(["test", "-x", str(folder)])).returncode != 0:
+        raise RuntimeError(f"user postgres cannot reach {folder}; use a --dir it can traverse")
 
 
 def start_postgres(base_dir: Path, port: int | None = None) -> PostgresServer:
-    pg_bin = _pg_bin()
-    if pg_bin is None:
-        raise RuntimeError("PostgreSQL is not installed (run ensure_installed first)")
-    server = PostgresServer(port=port or free_port(), dir=(base_dir / "pg").resolve())
+    folder = _pg_bin()
+    if folder is None:
+        raise RuntimeError("PostgreSQL is not installed; call ensure_installed() first")
+    server = PostgresServer(port or free_port(), base_dir.resolve() / "pg")
+    if (running := server.postmaster()) is not None:
+        raise RuntimeError(f"postgres pid {running[0]} already uses {server.data}; stop it first")
     server.dir.mkdir(parents=True, exist_ok=True)
-    _give_to_postgres(server.dir)
+    if os.geteuid() == 0:
+        _give_to_postgres(server.dir)
     if not (server.data / "PG_VERSION").exists():
-        subprocess.run(
-            _as_postgres(
-                [
-                    str(pg_bin / "initdb"),
-                    "-D",
-                    str(server.data),
-                    "-U",
-                    "postgres",
-                    "--auth=trust",
-                    "-E",
-                    "UTF8",
-                    "--locale=C.UTF-8",
-                ]
-            ),
-            check=True,
-            capture_output=True,
-        )
-    log = server.dir / "postgres.log"
-    options = (
-        f"-c listen_addresses=127.0.0.1 -p {server.port} -c unix_socket_directories='' "
-        "-c max_connections=200"
-    )
-    # A postmaster killed with -9 leaves postmaster.pid behind; pg_ctl start sees its process is
-    # gone and starts anyway, so a crashed earlier run needs no clean-up here.
-    result = server._ctl("start", "-w", "-t", "60", "-l", str(log), "-o", options, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(
-            f"postgres did not start on port {server.port}:\n{result.stderr.decode()}\n{_tail(log)}"
-        )
+        initdb = [str(folder / "initdb"), "-D", str(server.data), "-U", "postgres", "--auth=trust",
+                  "-E", "UTF8", "--locale=C.UTF-8"]  # fmt: skip
+        result = subprocess.run(_as_postgres(initdb), capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"initdb {server.data} failed:\n{result.stderr.strip()}")
+    # A postmaster killed with -9 leaves postmaster.pid behind; pg_ctl start finds its pid dead and
+    # starts anyway. Its orphaned children may hold the shared memory a moment longer, and a free
+    # port can be taken before we bind it, so retry on "in use" for a while.
+    deadline = time.monotonic() + 30
+    while True:
+        options = (f"-c listen_addresses=127.0.0.1 -p {server.port} -c unix_socket_directories='' "
+                   "-c fsync=on -c max_connections=200")  # fmt: skip
+        start = [str(folder / "pg_ctl"), "-D", str(server.data), "-l", str(server.log), "-w",
+                 "-t", "60", "-o", options, "start"]  # fmt: skip
+        result = subprocess.run(_as_postgres(start), capture_output=True, text=True)
+        if result.returncode == 0:
+            break
+        log = _tail(server.log)
+        if "in use" not in log or time.monotonic() > deadline:
+            raise RuntimeError(
+                f"postgres did not start on port {server.port}:\n{result.stderr}\n{log}"
+            )
+        if port is None and "Address already in use" in log:
+            server.port = free_port()
+        time.sleep(0.5)
+    if not _wait(lambda: _connectable(server.port), 30):
+        raise RuntimeError(f"postgres started but 127.0.0.1:{server.port} refuses connections")
+    server.psql("SELECT 1")
     server.create_database(DATABASE)
     return server
 
 
-def _state_file(base_dir: Path) -> Path:
-    return base_dir / "services.json"
+@contextlib.contextmanager
+def _locked(base_dir: Path) -> Iterator[None]:
+    # Two `up`s on one folder at once (parallel test runs) would start two servers on one AOF.
+    with open(base_dir / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
-def _read_state(base_dir: Path) -> dict[str, int]:
-    try:
-        state: dict[str, int] = json.loads(_state_file(base_dir).read_text())
-        return state
-    except (OSError, ValueError):
-        return {}
+def _read_state(base_dir: Path) -> dict[str, Any]:
+    with contextlib.suppress(OSError, ValueError):
+        state = json.loads((base_dir / "services.json").read_text())
+        if isinstance(state, dict):
+            return state
+    return {}
+
+
+def _port(state: dict[str, Any], service: str) -> int:
+    # Also reads the flat {"redis_port": ...} files written by earlier versions of this module.
+    entry = state.get(service)
+    port = entry.get("port") if isinstance(entry, dict) else state.get(f"{service}_port")
+    return port if isinstance(port, int) else 0
+
+
+def _reusable(port: int) -> int | None:
+    # Restarting on the recorded port keeps URLs that shells already exported valid.
+    return port if port and _port_free(port) else None
 
 
 def up(base_dir: Path, appendfsync: str = "everysec") -> dict[str, str]:
-    """Start (or reuse) both servers; returns their URLs."""
+    """Start both servers, or reuse the ones still running; returns redis_url and postgres_dsn."""
+    if appendfsync not in APPENDFSYNC_MODES:
+        raise ValueError(f"appendfsync must be one of {APPENDFSYNC_MODES}, not {appendfsync!r}")
     base_dir = base_dir.resolve()
     base_dir.mkdir(parents=True, exist_ok=True)
-    state = _read_state(base_dir)
-    redis = RedisServer(port=state.get("redis_port", 0), dir=base_dir / "redis")
-    if not (redis.port and redis.ping()):
-        redis.stop()
-        redis = start_redis(base_dir, appendfsync=appendfsync)
-    postgres = PostgresServer(port=state.get("postgres_port", 0), dir=base_dir / "pg")
-    if not (postgres.port and postgres.running()):
-        if (postgres.data / "postmaster.pid").exists():
+    with _locked(base_dir):
+        state = _read_state(base_dir)
+        redis = RedisServer(_port(state, "redis"), base_dir / "redis")
+        if redis.running():
+            redis.call("CONFIG", "SET", "appendfsync", appendfsync)
+        else:
+            redis.stop()  # one alive on a port we no longer know, or just a stale pid file
+            redis = start_redis(base_dir, _reusable(redis.port), appendfsync)
+        postgres = PostgresServer(_port(state, "postgres"), base_dir / "pg")
+        if (live := postgres.postmaster()) and _connectable(live[1]):
+            postgres.port = live[1]
+            postgres.create_database(DATABASE)
+        else:
             postgres.stop()
-        postgres = start_postgres(base_dir)
-    _state_file(base_dir).write_text(
-        json.dumps({"redis_port": redis.port, "postgres_port": postgres.port})
-    )
-    return {"redis_url": redis.url, "postgres_dsn": postgres.dsn}
+            postgres = start_postgres(base_dir, _reusable(postgres.port))
+        urls = {"redis_url": redis.url, "postgres_dsn": postgres.dsn}
+        record = {
+            "redis": {"port": redis.port, "pid": redis.pid(), "url": redis.url,
+                      "appendfsync": appendfsync},
+            "postgres": {"port": postgres.port, "pid": (postgres.postmaster() or (None,))[0],
+                         "dsn": postgres.dsn},
+            **urls,
+        }  # fmt: skip
+        # Write-then-rename: a reader never sees half a file.
+        partial = base_dir / "services.json.tmp"
+        partial.write_text(json.dumps(record, indent=2) + "\n")
+        partial.replace(base_dir / "services.json")
+        return urls
 
 
 def down(base_dir: Path) -> None:
     """Stop both servers; a no-op when nothing runs."""
     base_dir = base_dir.resolve()
+    if not base_dir.is_dir():
+        return
+    with _locked(base_dir):
+        state = _read_state(base_dir)
+        RedisServer(_port(state, "redis"), base_dir / "redis").stop()
+        PostgresServer(_port(state, "postgres"), base_dir / "pg").stop()
+        (base_dir / "services.json").unlink(missing_ok=True)
+
+
+def status(base_dir: Path) -> dict[str, str | None]:
+    """redis_url and postgres_dsn of the servers running for base_dir; None for a stopped one."""
+    base_dir = base_dir.resolve()
     state = _read_state(base_dir)
-    RedisServer(port=state.get("redis_port", 0), dir=base_dir / "redis").stop()
-    PostgresServer(port=state.get("postgres_port", 0), dir=base_dir / "pg").stop()
-    _state_file(base_dir).unlink(missing_ok=True)
+    redis = RedisServer(_port(state, "redis"), base_dir / "redis")
+    postgres = PostgresServer(_port(state, "postgres"), base_dir / "pg")
+    return {
+        "redis_url": redis.url if redis.running() else None,
+        "postgres_dsn": postgres.dsn if postgres.running() else None,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m engine.localservices",
-        description="Start or stop a local Redis and PostgreSQL for flashsale, on loopback, "
-        "with their data in --dir.",
+        description="Run flashsale's own Redis and PostgreSQL on 127.0.0.1 (free ports), with "
+        "their data, logs and services.json in --dir.",
+        epilog='example: python -m engine.localservices up && eval "$(python -m '
+        'engine.localservices env)"',
     )
     parser.add_argument(
         "action",
         choices=["install", "up", "down", "status", "env"],
-        help="install: apt-get what is missing; up: start (idempotent); down: stop; "
-        "status: show; "
-        "env: print shell exports for FLASHSALE_REDIS_URL/DATABASE_URL",
+        help="install: apt-get redis-server/postgresql if missing; up: start or reuse both and "
+        "print their URLs; down: stop both; status: show them (exit 1 unless both run); "
+        "env: like up, but print FLASHSALE_REDIS_URL/FLASHSALE_DATABASE_URL export lines",
     )
-    parser.add_argument("--dir", default=".flashsale/local", type=Path)
+    parser.add_argument(
+        "--dir", type=Path, default=DEFAULT_DIR, help=f"state folder (default {DEFAULT_DIR}/)"
+    )
     parser.add_argument(
         "--appendfsync",
         default="everysec",
         choices=APPENDFSYNC_MODES,
-        help="Redis AOF fsync policy (default everysec)",
+        help="Redis AOF fsync policy; applied live to a running server too (default everysec)",
     )
     args = parser.parse_args(argv)
     if args.action == "down":
@@ -344,19 +515,20 @@ def main(argv: list[str] | None = None) -> int:
         print("stopped")
         return 0
     if args.action == "status":
-        state = _read_state(args.dir.resolve())
-        print(json.dumps(state) if state else "not running")
-        return 0
+        current = status(args.dir)
+        print(f"redis     {current['redis_url'] or 'stopped'}")
+        print(f"postgres  {current['postgres_dsn'] or 'stopped'}")
+        return 0 if all(current.values()) else 1
     ensure_installed()
     if args.action == "install":
         print("redis-server and PostgreSQL are installed")
         return 0
     urls = up(args.dir, args.appendfsync)
     if args.action == "env":
-        print(f"export FLASHSALE_REDIS_URL={urls['redis_url']}")
-        print(f"export FLASHSALE_DATABASE_URL={urls['postgres_dsn']}")
+        print(f"export FLASHSALE_REDIS_URL={shlex.quote(urls['redis_url'])}")
+        print(f"export FLASHSALE_DATABASE_URL={shlex.quote(urls['postgres_dsn'])}")
     else:
-        print(f"redis    {urls['redis_url']}\npostgres {urls['postgres_dsn']}")
+        print(f"redis     {urls['redis_url']}\npostgres  {urls['postgres_dsn']}")
     return 0
 
 

@@ -107,7 +107,7 @@ async def change_status(db: asyncpg.Pool, redis: Redis, sale_id: str, status: st
 
 
 async def live_sale_ids(redis: Redis) -> list[str]:
-    members: set[str] = await redis.smembers(LIVE_SALES)  # type: ignore[assignment]
+    members: set[str] = await redis.smembers(LIVE_SALES)
     return sorted(members)
 
 

@@ -24,9 +24,7 @@ async def expire_sale(redis: Redis, sale_id: str, batch: int = 500) -> int:
     holds = sale_keys(sale_id).holds
     expired = 0
     while True:
-        due: list[str] = await redis.zrangebyscore(  # type: ignore[assignment]
-            holds, "-inf", now_ms, start=0, num=batch
-        )
+        due: list[str] = await redis.zrangebyscore(holds, "-inf", now_ms, start=0, num=batch)
         if not due:
             return expired
         results = await asyncio.gather(

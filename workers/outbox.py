@@ -36,7 +36,8 @@ async def _write_and_ack(redis: Redis, db: asyncpg.Pool, sale_id: str, entries: 
     # written again by whoever claims them.
     outbox = sale_keys(sale_id).outbox
     ids = [entry_id for entry_id, _ in entries]
-    async with redis.pipeline(transaction=False) as pipe:
+    # One MULTI: an acknowledged entry is never left in the stream, so XLEN is the backlog.
+    async with redis.pipeline(transaction=True) as pipe:
         pipe.xack(outbox, OUTBOX_GROUP, *ids)
         pipe.xdel(outbox, *ids)
         await pipe.execute()
