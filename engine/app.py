@@ -7,6 +7,7 @@ and ``inventory.reserve`` runs one EVALSHA on a pooled connection.
 
 from __future__ import annotations
 
+import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from engine import inventory
+from engine import checkout, inventory, webhooks
 from engine.auth import TokenVerifier
 from engine.db import connect_redis
 from engine.errors import (
@@ -32,6 +33,7 @@ from engine.errors import (
     NotFound,
     PayloadTooLarge,
     ProblemError,
+    Unauthorized,
     Unavailable,
     Unprocessable,
     UnsupportedMediaType,
@@ -39,6 +41,7 @@ from engine.errors import (
 )
 from engine.ids import is_idempotency_key, is_sale_id, sale_of_order
 from engine.openapi import openapi_document
+from engine.payments import make_gateway
 from engine.scripts import Code, load_scripts
 from engine.settings import Settings
 
@@ -109,17 +112,22 @@ def _quantity(body: Any) -> int:
 
 def create_app(settings: Settings, redis: Redis | None = None) -> Starlette:
     verifier = TokenVerifier(settings)
-    state: dict[str, Redis] = {}
+    state: dict[str, Any] = {}
     max_body = settings.max_body_bytes
+    webhook_secret = settings.webhook_secret or ""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         client = redis or connect_redis(settings)
         state["redis"] = client
+        state["gateway"] = make_gateway(settings, client)
+        # Webhooks and payments only: the order path never takes a Postgres connection.
+        state["db"] = await asyncpg.create_pool(settings.database_url, min_size=0, max_size=8)
         await load_scripts(client)
         try:
             yield
         finally:
+            await state["db"].close()
             if redis is None:
                 await client.aclose()
 
@@ -208,6 +216,37 @@ def create_app(settings: Settings, redis: Redis | None = None) -> Starlette:
         assert order is not None  # orders are never deleted while their sale is live
         return JSONResponse(_order_body(order, sale_id))
 
+    async def pay_order(request: Request) -> Response:
+        user = verifier.user_of(request.headers.get("authorization"))
+        sale_id, order_id = _order_ids(request)
+        payment = await checkout.payment_for(
+            state["redis"], state["gateway"], sale_id, order_id, user
+        )
+        return JSONResponse(payment)
+
+    async def stripe_webhook(request: Request) -> Response:
+        body = await request.body()
+        if len(body) > 256 * 1024:
+            raise PayloadTooLarge("body-too-large", "a webhook body may be at most 256 KiB")
+        event = webhooks.verify(
+            body, request.headers.get("stripe-signature"), webhook_secret,
+            settings.webhook_tolerance_s,
+        )  # fmt: skip
+        outcome = await webhooks.receive(state["db"], state["redis"], event)
+        return JSONResponse({"received": True, "outcome": outcome})
+
+    async def admin_refund(request: Request) -> Response:
+        token = request.headers.get("authorization", "")
+        if not settings.admin_token or not hmac.compare_digest(
+            token.encode(), f"Bearer {settings.admin_token}".encode()
+        ):
+            raise Unauthorized("an admin bearer token is required")
+        sale_id, order_id = _order_ids(request)
+        restock = request.query_params.get("restock", "false") == "true"
+        result = await inventory.refund(state["redis"], sale_id, order_id, "request", restock)
+        # The refund at Stripe is made by a worker (or `flashsale order refund`); 202 says so.
+        return JSONResponse({"id": order_id, "state": result.state}, status_code=202)
+
     async def health(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
 
@@ -255,6 +294,9 @@ def create_app(settings: Settings, redis: Redis | None = None) -> Starlette:
         Route("/v1/sales/{sale_id}/orders", place_order, methods=["POST"]),
         Route("/v1/orders/{order_id}", get_order, methods=["GET"]),
         Route("/v1/orders/{order_id}/cancel", cancel_order, methods=["POST"]),
+        Route("/v1/orders/{order_id}/pay", pay_order, methods=["POST"]),
+        Route("/v1/webhooks/stripe", stripe_webhook, methods=["POST"]),
+        Route("/v1/admin/orders/{order_id}/refund", admin_refund, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),

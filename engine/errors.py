@@ -4,16 +4,18 @@ They render as RFC 9457 ``application/problem+json``; ``type`` is a stable URI b
 code, so documentation can link to it::
 
     ProblemError
-    ├── BadRequest (400)            missing-idempotency-key, invalid-idempotency-key, bad-json
+    ├── BadRequest (400)            missing-idempotency-key, invalid-idempotency-key,
+    │                               invalid-signature, invalid-payload
     ├── Unauthorized (401)          invalid-token
     ├── NotFound (404)              sale-not-found, order-not-found, not-found
     ├── SaleClosed                  sale-not-started (425), sale-paused (403), sale-ended (410)
-    ├── Conflict (409)              sold-out, limit-exceeded, order-not-cancellable
+    ├── Conflict (409)              sold-out, limit-exceeded, order-not-cancellable,
+    │                               order-not-payable, order-not-refundable
     ├── PayloadTooLarge (413)       body-too-large
     ├── UnsupportedMediaType (415)  unsupported-media-type
     ├── Unprocessable (422)         invalid-body, invalid-quantity, quantity-exceeds-maximum,
     │                               idempotency-key-reused
-    └── Unavailable (503)           not-ready
+    └── Unavailable (503)           not-ready, payment-unavailable
 """
 
 from __future__ import annotations
@@ -131,6 +133,8 @@ PROBLEM_TYPES: dict[str, int] = {
     "missing-idempotency-key": 400,
     "invalid-idempotency-key": 400,
     "bad-json": 400,
+    "invalid-signature": 400,
+    "invalid-payload": 400,
     "invalid-token": 401,
     "forbidden": 403,
     "sale-paused": 403,
@@ -141,6 +145,10 @@ PROBLEM_TYPES: dict[str, int] = {
     "sold-out": 409,
     "limit-exceeded": 409,
     "order-not-cancellable": 409,
+    "order-not-payable": 409,
+    "order-not-refundable": 409,
+    "invalid-status": 409,
+    "sale-exists": 409,
     "sale-ended": 410,
     "body-too-large": 413,
     "unsupported-media-type": 415,
@@ -148,9 +156,11 @@ PROBLEM_TYPES: dict[str, int] = {
     "invalid-quantity": 422,
     "quantity-exceeds-maximum": 422,
     "idempotency-key-reused": 422,
+    "invalid-sale": 422,
     "sale-not-started": 425,
     "internal-error": 500,
     "not-ready": 503,
+    "payment-unavailable": 503,
 }
 
 

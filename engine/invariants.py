@@ -30,6 +30,7 @@ class SaleAudit:
     available: int = 0
     held: int = 0
     sold: int = 0
+    withdrawn: int = 0
     orders_in_redis: int = 0
     orders_in_ledger: int = 0
     states: dict[str, int] = field(default_factory=dict)
@@ -87,14 +88,15 @@ async def audit_sale(
     audit.available = int(sale["stock"])
     audit.held = int(sale["held"])
     audit.sold = int(sale["sold"])
+    audit.withdrawn = int(sale.get("withdrawn", 0))
     limit = int(sale["per_user_limit"])
 
     if audit.available < 0:
         bad(f"stock is negative: {audit.available}")
-    if audit.available + audit.held + audit.sold != audit.initial:
+    if audit.available + audit.held + audit.sold + audit.withdrawn != audit.initial:
         bad(
             f"available {audit.available} + held {audit.held} + sold {audit.sold}"
-            f" != initial {audit.initial}"
+            f" + withdrawn {audit.withdrawn} != initial {audit.initial}"
         )
 
     orders = await redis_orders(redis, sale_id)

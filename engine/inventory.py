@@ -21,9 +21,12 @@ __all__ = [
     "Hold",
     "Release",
     "SaleDefinition",
+    "attach_payment",
+    "confirm",
     "load_sale",
     "read_order",
     "read_sale",
+    "refund",
     "release",
     "reserve",
     "set_status",
@@ -36,6 +39,9 @@ _reserve = SCRIPTS["reserve"]
 _release = SCRIPTS["release"]
 _load_sale = SCRIPTS["load_sale"]
 _set_status = SCRIPTS["set_status"]
+_confirm = SCRIPTS["confirm"]
+_refund = SCRIPTS["refund"]
+_attach_payment = SCRIPTS["attach_payment"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,6 +186,63 @@ async def release(
     if code is Code.INVALID_STATE:
         raise ValueError(f"cannot release into state {state!r}")
     return Release(code=code, state=reply[1], version=int(reply[2]))
+
+
+def _order_keys(sale_id: str, order_id: str) -> list[str]:
+    keys = sale_keys(sale_id)
+    return [keys.sale, keys.stock, keys.users, keys.holds, keys.outbox, keys.order(order_id),
+            keys.refunds]  # fmt: skip
+
+
+async def confirm(
+    redis: Redis, sale_id: str, order_id: str, intent_id: str, event_ms: int = 0
+) -> Release:
+    """A payment succeeded: paid, re-reserved (late payment with stock left), refund_pending
+    (late payment without), or nothing (already final, stale event, another intent)."""
+    reply = await _confirm(redis, _order_keys(sale_id, order_id), [order_id, intent_id, event_ms])
+    code = Code(reply[0])
+    if code is Code.ORDER_NOT_FOUND:
+        raise NotFound("order-not-found", f"there is no order {order_id!r}")
+    return Release(code=code, state=reply[1], version=int(reply[2]))
+
+
+async def refund(
+    redis: Redis,
+    sale_id: str,
+    order_id: str,
+    step: str,
+    restock: bool = False,
+    refund_id: str = "",
+) -> Release:
+    """``step`` 'request': paid -> refund_pending; 'complete': refund_pending -> refunded."""
+    reply = await _refund(
+        redis, _order_keys(sale_id, order_id), [order_id, step, int(restock), refund_id]
+    )
+    code = Code(reply[0])
+    if code is Code.ORDER_NOT_FOUND:
+        raise NotFound("order-not-found", f"there is no order {order_id!r}")
+    if code is Code.INVALID_STATE:
+        raise Conflict("order-not-refundable", f"the order is {reply[1]}", state=reply[1])
+    return Release(code=code, state=reply[1], version=int(reply[2]))
+
+
+async def attach_payment(
+    redis: Redis,
+    sale_id: str,
+    order_id: str,
+    intent_id: str,
+    client_secret: str,
+    amount: int,
+    currency: str,
+) -> tuple[str, str]:
+    """Tie an intent to the order; the first attached wins. Returns (intent id, secret)."""
+    keys = sale_keys(sale_id)
+    reply = await _attach_payment(
+        redis, [keys.order(order_id), keys.outbox], [intent_id, client_secret, amount, currency]
+    )
+    if Code(reply[0]) is Code.ORDER_NOT_FOUND:
+        raise NotFound("order-not-found", f"there is no order {order_id!r}")
+    return str(reply[1]), str(reply[2])
 
 
 async def load_sale(redis: Redis, sale: SaleDefinition) -> Code:

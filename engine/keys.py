@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["LIVE_SALES", "OUTBOX_GROUP", "SaleKeys", "sale_keys"]
+__all__ = ["LIVE_SALES", "OUTBOX_GROUP", "SaleKeys", "mock_idempotency", "mock_intent", "sale_keys"]
 
 # Set of sale ids the workers drain and expire. Deliberately outside any sale's slot: only the
 # CLI and workers touch it, never a script.
@@ -49,6 +49,11 @@ class SaleKeys:
         """Stream: one entry per order state change, drained into Postgres."""
         return f"{self.tag}:outbox"
 
+    @property
+    def refunds(self) -> str:
+        """Sorted set: refund_pending order ids, scored by when the refund became owed."""
+        return f"{self.tag}:refunds"
+
     def order(self, order_id: str) -> str:
         """Hash: one order's live state."""
         return f"{self.tag}:order:{order_id}"
@@ -56,6 +61,16 @@ class SaleKeys:
     def idempotency(self, user_id: str, key: str) -> str:
         """String: the first answer to (user, Idempotency-Key), kept 24 h."""
         return f"{self.tag}:idem:{user_id}:{key}"
+
+
+def mock_intent(intent_id: str) -> str:
+    """Hash: a payment intent of the offline mock gateway (shared by API and workers)."""
+    return f"fs:mock-gateway:pi:{intent_id}"
+
+
+def mock_idempotency(key: str) -> str:
+    """String: the intent id the mock gateway created for an idempotency key."""
+    return f"fs:mock-gateway:idem:{key}"
 
 
 def sale_keys(sale_id: str) -> SaleKeys:

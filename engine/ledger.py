@@ -29,6 +29,9 @@ class OrderChange:
     created_ms: int
     expires_ms: int
     at_ms: int
+    intent_id: str = ""
+    amount: int = 0
+    currency: str = ""
 
     @classmethod
     def from_entry(cls, sale_id: str, fields: dict[str, str]) -> OrderChange:
@@ -43,6 +46,9 @@ class OrderChange:
             created_ms=int(fields["created_ms"]),
             expires_ms=int(fields["expires_ms"]),
             at_ms=int(fields["at_ms"]),
+            intent_id=fields.get("pi", ""),
+            amount=int(fields.get("amount") or 0),
+            currency=fields.get("currency", ""),
         )
 
 
@@ -52,22 +58,33 @@ _WRITE = """
 WITH incoming AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::text[],
                          $6::bigint[], $7::text[], $8::timestamptz[], $9::timestamptz[],
-                         $10::timestamptz[])
+                         $10::timestamptz[], $11::text[], $12::bigint[], $13::text[])
         AS t(id, sale_id, user_id, quantity, state, version, idempotency_key,
-             created_at, expires_at, at)
+             created_at, expires_at, at, intent_id, amount, currency)
 ), events AS (
     INSERT INTO order_events (order_id, version, state, at)
     SELECT id, version, state, at FROM incoming
     ON CONFLICT DO NOTHING
+), payments AS (
+    INSERT INTO payments AS p (intent_id, order_id, amount, currency, order_state,
+                               order_version, updated_at)
+    SELECT DISTINCT ON (intent_id) intent_id, id, amount, currency, state, version, at
+    FROM incoming WHERE intent_id <> ''
+    ORDER BY intent_id, version DESC
+    ON CONFLICT (intent_id) DO UPDATE
+        SET order_state = EXCLUDED.order_state, order_version = EXCLUDED.order_version,
+            updated_at = EXCLUDED.updated_at
+        WHERE p.order_version < EXCLUDED.order_version
 )
 INSERT INTO orders AS o (id, sale_id, user_id, quantity, state, version, idempotency_key,
-                         created_at, expires_at, updated_at)
+                         created_at, expires_at, updated_at, payment_intent_id)
 SELECT DISTINCT ON (id) id, sale_id, user_id, quantity, state, version,
-       nullif(idempotency_key, ''), created_at, expires_at, at
+       nullif(idempotency_key, ''), created_at, expires_at, at, nullif(intent_id, '')
 FROM incoming
 ORDER BY id, version DESC
 ON CONFLICT (id) DO UPDATE
-    SET state = EXCLUDED.state, version = EXCLUDED.version, updated_at = EXCLUDED.updated_at
+    SET state = EXCLUDED.state, version = EXCLUDED.version, updated_at = EXCLUDED.updated_at,
+        payment_intent_id = coalesce(EXCLUDED.payment_intent_id, o.payment_intent_id)
     WHERE o.version < EXCLUDED.version
 """
 
@@ -93,6 +110,9 @@ async def write_changes(
         [_ts(c.created_ms) for c in changes],
         [_ts(c.expires_ms) for c in changes],
         [_ts(c.at_ms) for c in changes],
+        [c.intent_id for c in changes],
+        [c.amount for c in changes],
+        [c.currency for c in changes],
     )
 
 

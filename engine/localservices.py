@@ -32,25 +32,26 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-__all__ = [
-    "PostgresServer",
-    "RedisServer",
-    "create_database",
-    "down",
-    "ensure_installed",
-    "free_port",
-    "start_postgres",
-    "start_redis",
-    "status",
-    "up",
-]
-
 APPENDFSYNC_MODES = ("always", "everysec", "no")
 DATABASE = "flashsale"
 DEFAULT_DIR = Path(".flashsale/local")
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 # Shared folders whose permissions are not ours to loosen even when root owns them.
 _SHARED_DIRS = {Path(p) for p in ("/var/tmp", "/var/lib", "/usr/local", "/usr/lib", "/run/user")}
+
+
+def _cmd(template: str, **values: object) -> list[str]:
+    # Values are quoted before splitting, so paths with spaces stay one argument.
+    return shlex.split(template.format(**{k: shlex.quote(str(v)) for k, v in values.items()}))
+
+
+def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    # Captured, so `env` output stays eval-able and failures can quote the tool's own words.
+    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
 @functools.cache
@@ -61,18 +62,9 @@ def _pg_bin() -> Path | None:
         found[ctl.parent] = tuple(int(n) for n in re.findall(r"\d+", ctl.parent.parent.name))
     on_path = shutil.which("pg_ctl")
     if on_path and (folder := Path(on_path).resolve().parent) not in found:
-        out = subprocess.run([on_path, "--version"], capture_output=True, text=True).stdout
-        found[folder] = tuple(int(n) for n in re.findall(r"\d+", out)[:2])
+        found[folder] = tuple(int(n) for n in re.findall(r"\d+", _run([on_path, "-V"]).stdout)[:2])
     usable = [folder for folder in found if (folder / "initdb").exists()]
     return max(usable, key=found.__getitem__, default=None)
-
-
-def _psql() -> str:
-    # Debian's /usr/bin/psql is a wrapper that guesses a cluster; the versioned one just connects.
-    folder = _pg_bin()
-    if folder and (folder / "psql").exists():
-        return str(folder / "psql")
-    return shutil.which("psql") or "psql"
 
 
 def _missing() -> list[str]:
@@ -84,22 +76,12 @@ def ensure_installed() -> None:
     """apt-get install redis-server and postgresql when either is missing."""
     if not _missing():
         return
-    if os.geteuid() == 0:
-        prefix = []
-    elif shutil.which("sudo"):
-        prefix = ["sudo"]
-    else:
-        raise RuntimeError(f"{', '.join(_missing())} missing; install them as root (no sudo here)")
-    # env inside sudo: sudo drops the caller's environment. The lock timeout makes us queue behind
-    # an apt that is already running instead of failing. Output goes to stderr so `env` stays eval-able.
-    apt = [
-        *prefix,
-        "env",
-        "DEBIAN_FRONTEND=noninteractive",
-        "apt-get",
-        "-o",
-        "DPkg::Lock::Timeout=600",
-    ]
+    if os.geteuid() != 0 and not shutil.which("sudo"):
+        raise RuntimeError(f"{', '.join(_missing())} missing, and no root or sudo to install them")
+    # `env` inside sudo because sudo drops the caller's environment; the lock timeout queues us
+    # behind an apt that is already running instead of failing; stdout=2 keeps `env` eval-able.
+    apt = _cmd("env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600")
+    apt = apt if os.geteuid() == 0 else ["sudo", *apt]
     try:
         subprocess.run([*apt, "update"], check=True, stdout=2)
         subprocess.run([*apt, "install", "-y", "redis-server", "postgresql"], check=True, stdout=2)
@@ -117,17 +99,6 @@ def free_port() -> int:
         return port
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        # As the servers do, so a port left in TIME_WAIT by our last run still counts as free.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-        return True
-
-
 def _connectable(port: int) -> bool:
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=1):
@@ -138,16 +109,13 @@ def _connectable(port: int) -> bool:
 
 def _alive(pid: int, program: str) -> bool:
     # By name, not kill(pid, 0): after a crash or reboot a stale pid file may name someone else.
+    # And not a zombie: a killed daemon lingers as one until (a possibly lax) init reaps it.
     try:
-        return Path(f"/proc/{pid}/comm").read_text().strip() == program
+        stat_line = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return False
-
-
-def _read_pid(path: Path) -> int | None:
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        return int(path.read_text().split()[0])
-    return None
+    name, _, rest = stat_line.partition("(")[2].rpartition(")")
+    return name == program and rest.split()[0] not in ("Z", "X")
 
 
 def _wait(condition: Callable[[], bool], timeout: float) -> bool:
@@ -157,17 +125,6 @@ def _wait(condition: Callable[[], bool], timeout: float) -> bool:
             return False
         time.sleep(0.05)
     return True
-
-
-def _terminate(pid: int, program: str) -> None:
-    """Wait for pid to exit after a polite request, then insist with SIGTERM and SIGKILL."""
-    for sig in (None, signal.SIGTERM, signal.SIGKILL):
-        if sig is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        if _wait(lambda: not _alive(pid, program), 15):
-            return
-    raise RuntimeError(f"{program} pid {pid} does not exit")
 
 
 def _tail(path: Path, lines: int = 20) -> str:
@@ -194,16 +151,22 @@ class RedisServer:
     def log(self) -> Path:
         return self.dir / "redis.log"
 
+    def recorded_pid(self) -> int | None:
+        with contextlib.suppress(OSError, ValueError):
+            return int(self.pidfile.read_text())
+        return None  # also while redis has created the file but not yet written it
+
     def pid(self) -> int | None:
-        pid = _read_pid(self.pidfile)
+        pid = self.recorded_pid()
         return pid if pid is not None and _alive(pid, "redis-server") else None
 
     def call(self, *args: str) -> bytes:
-        """One command over RESP, returning the raw first reply (no client library needed)."""
-        parts = [f"*{len(args)}\r\n".encode()]
-        parts += [b"$%d\r\n%s\r\n" % (len(a.encode()), a.encode()) for a in args]
+        """One command over RESP; returns the start of the raw reply (no client library needed)."""
+        request = b"*%d\r\n" % len(args) + b"".join(
+            b"$%d\r\n%s\r\n" % (len(arg.encode()), arg.encode()) for arg in args
+        )
         with socket.create_connection(("127.0.0.1", self.port), timeout=5) as sock:
-            sock.sendall(b"".join(parts))
+            sock.sendall(request)
             return sock.recv(4096)
 
     def running(self) -> bool:
@@ -213,10 +176,15 @@ class RedisServer:
 
     def stop(self) -> None:
         if (pid := self.pid()) is not None:
-            # NOSAVE skips an RDB dump; Redis still flushes and fsyncs the AOF on the way out.
-            with contextlib.suppress(OSError):
+            # NOSAVE skips an RDB dump; Redis still flushes and fsyncs the AOF on the way out, as
+            # it does on SIGTERM, the fallback when the port is unknown.
+            try:
                 self.call("SHUTDOWN", "NOSAVE")
-            _terminate(pid, "redis-server")
+            except OSError:
+                os.kill(pid, signal.SIGTERM)
+            if not _wait(lambda: not _alive(pid, "redis-server"), 20):
+                os.kill(pid, signal.SIGKILL)
+                _wait(lambda: not _alive(pid, "redis-server"), 5)
         self.pidfile.unlink(missing_ok=True)
 
 
@@ -227,27 +195,27 @@ def start_redis(
         raise ValueError(f"appendfsync must be one of {APPENDFSYNC_MODES}, not {appendfsync!r}")
     server = RedisServer(port or free_port(), base_dir.resolve() / "redis")
     server.dir.mkdir(parents=True, exist_ok=True)
+    # Two servers appending to one AOF would corrupt it.
     if (pid := server.pid()) is not None:
         raise RuntimeError(f"redis-server pid {pid} already uses {server.dir}; stop it first")
     server.pidfile.unlink(missing_ok=True)
-    # A second instance is never started over the first's AOF: the check above guards that.
-    started = subprocess.run(
-        ["redis-server", "--bind", "127.0.0.1", "--port", str(server.port), "--dir", str(server.dir),
-         "--appendonly", "yes", "--appendfsync", appendfsync, "--save", "", "--daemonize", "yes",
-         "--pidfile", str(server.pidfile), "--logfile", str(server.log), "--protected-mode", "no"],
-        capture_output=True, text=True,
-    )  # fmt: skip
-    died = lambda: server.pidfile.exists() and server.pid() is None  # noqa: E731
+    started = _run(_cmd(
+        "redis-server --bind 127.0.0.1 --port {port} --protected-mode no --dir {dir} "
+        "--appendonly yes --appendfsync {fsync} --save '' --daemonize yes "
+        "--pidfile {pidfile} --logfile {log}",
+        port=server.port, dir=server.dir, fsync=appendfsync, pidfile=server.pidfile, log=server.log,
+    ))  # fmt: skip
+
+    def died() -> bool:  # daemonized, so a bad start shows only as a pid file without a process
+        pid = server.recorded_pid()
+        return pid is not None and not _alive(pid, "redis-server")
+
     if started.returncode != 0 or not _wait(lambda: server.running() or died(), 20) or died():
         raise RuntimeError(
-            f"redis-server did not answer on 127.0.0.1:{server.port} within 20 s "
+            f"redis-server did not answer on 127.0.0.1:{server.port} within 20 s. "
             f"{started.stderr.strip()}\n{server.log}:\n{_tail(server.log)}"
         )
     return server
-
-
-def _as_postgres(cmd: list[str]) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
 @dataclass
@@ -271,7 +239,7 @@ class PostgresServer:
         return self.dir / "postgres.log"
 
     def postmaster(self) -> tuple[int, int] | None:
-        """(pid, port) of the postmaster running on this data directory, if one is alive."""
+        """(pid, port) of a live postmaster on this data directory, from its postmaster.pid."""
         with contextlib.suppress(OSError, ValueError, IndexError):
             lines = (self.data / "postmaster.pid").read_text().splitlines()
             if _alive(int(lines[0]), "postgres"):
@@ -282,11 +250,11 @@ class PostgresServer:
         return self.postmaster() is not None and _connectable(self.port)
 
     def psql(self, sql: str, database: str = "postgres") -> str:
-        result = subprocess.run(
-            [_psql(), "-X", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1", "-p", str(self.port),
-             "-U", "postgres", "-d", database, "-tAc", sql],
-            capture_output=True, text=True, env={**os.environ, "PGCONNECT_TIMEOUT": "5"},
-        )  # fmt: skip
+        # Debian's /usr/bin/psql wrapper guesses a cluster; the versioned binary just connects.
+        folder = _pg_bin()
+        psql = folder / "psql" if folder and (folder / "psql").exists() else "psql"
+        args = "-X -v ON_ERROR_STOP=1 -h 127.0.0.1 -p {port} -U postgres -d {db} -tAc"
+        result = _run([*_cmd("{psql} " + args, psql=psql, port=self.port, db=database), sql])
         if result.returncode != 0:
             raise RuntimeError(f"psql on port {self.port} failed: {result.stderr.strip()}")
         return result.stdout.strip()
@@ -300,33 +268,28 @@ class PostgresServer:
             try:
                 self.psql(f'CREATE DATABASE "{name}"')
             except RuntimeError:
-                if self.psql(exists) != "1":  # otherwise a concurrent caller made it first
+                if self.psql(exists) != "1":  # else a concurrent caller created it first
                     raise
         return self.dsn_for(name)
 
     def stop(self) -> None:
         if self.postmaster() is None:
             return  # a stale postmaster.pid is left for the next pg_ctl start to discard
-        folder = _pg_bin()
-        assert folder is not None, "a postmaster runs, so PostgreSQL is installed"
-        stop = [
-            str(folder / "pg_ctl"),
-            "-D",
-            str(self.data),
-            "stop",
-            "-m",
-            "fast",
-            "-w",
-            "-t",
-            "60",
-        ]
-        result = subprocess.run(_as_postgres(stop), capture_output=True, text=True)
+        stop = _cmd("{ctl} -D {data} stop -m fast -w -t 60", ctl=_bin("pg_ctl"), data=self.data)
+        result = _run(_as_postgres(stop))
         if result.returncode != 0 and self.postmaster() is not None:
             raise RuntimeError(f"pg_ctl stop failed: {result.stderr.strip()}")
 
 
+def _bin(tool: str) -> Path:
+    folder = _pg_bin()
+    if folder is None:
+        raise RuntimeError("PostgreSQL is not installed; call ensure_installed() first")
+    return folder / tool
+
+
 def create_database(dsn: str, name: str) -> str:
-    """Create database name on the server of dsn (as returned by up); returns the new DSN."""
+    """Create database name on the server of dsn (as up() returns it); returns the new DSN."""
     port = urlsplit(dsn).port
     if port is None:
         raise ValueError(f"no port in {dsn!r}")
@@ -338,55 +301,58 @@ def _give_to_postgres(folder: Path) -> None:
         user = pwd.getpwnam("postgres")
     except KeyError:
         raise RuntimeError(
-            "running as root needs the postgres user (Debian's postgresql)"
+            "as root, PostgreSQL needs the postgres user: install postgresql"
         ) from None
     for root, dirs, files in os.walk(folder):
         for name in [".", *dirs, *files]:
             os.chown(os.path.join(root, name), user.pw_uid, user.pw_gid, follow_symlinks=False)
-    # postgres must traverse every parent. Open for traversal only folders root owns below the top
-    # level (a project checkout); /, /tmp, /root and shared folders keep their modes.
+    # postgres must traverse every parent. Only folders root owns below the top level (a project
+    # checkout) are opened, for traversal only; /, /tmp, /root and shared folders keep their modes.
     for parent in folder.parents:
         info = parent.stat()
-        mine = info.st_uid == os.geteuid() and len(parent.parts) > 2
-        if not info.st_mode & stat.S_IXOTH and mine and parent not in _SHARED_DIRS:
+        ours = info.st_uid == os.geteuid() and len(parent.parts) > 2 and parent not in _SHARED_DIRS
+        if ours and not info.st_mode & stat.S_IXOTH:
             parent.chmod(info.st_mode | stat.S_IXOTH)
-    if subprocess.run(_as_postgres(["test", "-x", str(folder)])).returncode != 0:
+    if _run(_as_postgres(["test", "-x", str(folder)])).returncode != 0:
         raise RuntimeError(f"user postgres cannot reach {folder}; use a --dir it can traverse")
 
 
 def start_postgres(base_dir: Path, port: int | None = None) -> PostgresServer:
-    folder = _pg_bin()
-    if folder is None:
-        raise RuntimeError("PostgreSQL is not installed; call ensure_installed() first")
     server = PostgresServer(port or free_port(), base_dir.resolve() / "pg")
-    if (running := server.postmaster()) is not None:
-        raise RuntimeError(f"postgres pid {running[0]} already uses {server.data}; stop it first")
+    if (live := server.postmaster()) is not None:
+        raise RuntimeError(f"postgres pid {live[0]} already uses {server.data}; stop it first")
     server.dir.mkdir(parents=True, exist_ok=True)
     if os.geteuid() == 0:
         _give_to_postgres(server.dir)
     if not (server.data / "PG_VERSION").exists():
-        initdb = [str(folder / "initdb"), "-D", str(server.data), "-U", "postgres", "--auth=trust",
-                  "-E", "UTF8", "--locale=C.UTF-8"]  # fmt: skip
-        result = subprocess.run(_as_postgres(initdb), capture_output=True, text=True)
-        if result.returncode != 0:
+        initdb = _cmd(
+            "{initdb} -D {data} -U postgres --auth=trust -E UTF8 --locale=C.UTF-8",
+            initdb=_bin("initdb"),
+            data=server.data,
+        )
+        if (result := _run(_as_postgres(initdb))).returncode != 0:
             raise RuntimeError(f"initdb {server.data} failed:\n{result.stderr.strip()}")
-    # A postmaster killed with -9 leaves postmaster.pid behind; pg_ctl start finds its pid dead and
-    # starts anyway. Its orphaned children may hold the shared memory a moment longer, and a free
-    # port can be taken before we bind it, so retry on "in use" for a while.
+    # pg_ctl discards the postmaster.pid of a killed run itself, unless its pid is still a zombie
+    # (an init that reaps lazily); postmaster() above has ruled out a live server, so drop it.
+    (server.data / "postmaster.pid").unlink(missing_ok=True)
+    # The dead postmaster's orphaned children may hold its shared memory a moment longer, and a free
+    # port may be taken before the server binds it: retry while the log says "in use".
     deadline = time.monotonic() + 30
     while True:
-        options = (f"-c listen_addresses=127.0.0.1 -p {server.port} -c unix_socket_directories='' "
-                   "-c fsync=on -c max_connections=200")  # fmt: skip
-        start = [str(folder / "pg_ctl"), "-D", str(server.data), "-l", str(server.log), "-w",
-                 "-t", "60", "-o", options, "start"]  # fmt: skip
-        result = subprocess.run(_as_postgres(start), capture_output=True, text=True)
-        if result.returncode == 0:
+        options = "-c listen_addresses=127.0.0.1 -p {port} -c unix_socket_directories='' "
+        options += "-c fsync=on -c max_connections=200"
+        start = _cmd(
+            "{ctl} -D {data} -l {log} -w -t 60 -o {options} start",
+            ctl=_bin("pg_ctl"),
+            data=server.data,
+            log=server.log,
+            options=options.format(port=server.port),
+        )
+        if (result := _run(_as_postgres(start))).returncode == 0:
             break
         log = _tail(server.log)
         if "in use" not in log or time.monotonic() > deadline:
-            raise RuntimeError(
-                f"postgres did not start on port {server.port}:\n{result.stderr}\n{log}"
-            )
+            raise RuntimeError(f"postgres failed on port {server.port}: {result.stderr}\n{log}")
         if port is None and "Address already in use" in log:
             server.port = free_port()
         time.sleep(0.5)
@@ -405,24 +371,26 @@ def _locked(base_dir: Path) -> Iterator[None]:
         yield
 
 
-def _read_state(base_dir: Path) -> dict[str, Any]:
-    with contextlib.suppress(OSError, ValueError):
-        state = json.loads((base_dir / "services.json").read_text())
-        if isinstance(state, dict):
-            return state
-    return {}
-
-
-def _port(state: dict[str, Any], service: str) -> int:
-    # Also reads the flat {"redis_port": ...} files written by earlier versions of this module.
-    entry = state.get(service)
-    port = entry.get("port") if isinstance(entry, dict) else state.get(f"{service}_port")
-    return port if isinstance(port, int) else 0
+def _state(base_dir: Path) -> tuple[int, int]:
+    """Recorded (redis port, postgres port); 0 when unknown."""
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError, AttributeError):
+        state: dict[str, Any] = json.loads((base_dir / "services.json").read_text())
+        # Also reads the flat {"redis_port": ...} files of this module's first version.
+        names = ("redis", "postgres")
+        ports = [state[n]["port"] if n in state else state[f"{n}_port"] for n in names]
+        return int(ports[0]), int(ports[1])
+    return 0, 0
 
 
 def _reusable(port: int) -> int | None:
-    # Restarting on the recorded port keeps URLs that shells already exported valid.
-    return port if port and _port_free(port) else None
+    """port if it is free: restarting on it keeps URLs that shells already exported valid."""
+    with socket.socket() as sock:
+        # As the servers do, so a port left in TIME_WAIT by our last run still counts as free.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        with contextlib.suppress(OSError):
+            sock.bind(("127.0.0.1", port))
+            return port or None
+    return None
 
 
 def up(base_dir: Path, appendfsync: str = "everysec") -> dict[str, str]:
@@ -432,29 +400,28 @@ def up(base_dir: Path, appendfsync: str = "everysec") -> dict[str, str]:
     base_dir = base_dir.resolve()
     base_dir.mkdir(parents=True, exist_ok=True)
     with _locked(base_dir):
-        state = _read_state(base_dir)
-        redis = RedisServer(_port(state, "redis"), base_dir / "redis")
+        redis_port, pg_port = _state(base_dir)
+        redis = RedisServer(redis_port, base_dir / "redis")
         if redis.running():
             redis.call("CONFIG", "SET", "appendfsync", appendfsync)
         else:
             redis.stop()  # one alive on a port we no longer know, or just a stale pid file
-            redis = start_redis(base_dir, _reusable(redis.port), appendfsync)
-        postgres = PostgresServer(_port(state, "postgres"), base_dir / "pg")
+            redis = start_redis(base_dir, _reusable(redis_port), appendfsync)
+        postgres = PostgresServer(pg_port, base_dir / "pg")
         if (live := postgres.postmaster()) and _connectable(live[1]):
-            postgres.port = live[1]
+            postgres.port = live[1]  # postmaster.pid knows the port even if services.json is lost
             postgres.create_database(DATABASE)
         else:
             postgres.stop()
-            postgres = start_postgres(base_dir, _reusable(postgres.port))
+            postgres = start_postgres(base_dir, _reusable(pg_port))
         urls = {"redis_url": redis.url, "postgres_dsn": postgres.dsn}
+        live = postgres.postmaster()
         record = {
-            "redis": {"port": redis.port, "pid": redis.pid(), "url": redis.url,
-                      "appendfsync": appendfsync},
-            "postgres": {"port": postgres.port, "pid": (postgres.postmaster() or (None,))[0],
-                         "dsn": postgres.dsn},
+            "redis": {"port": redis.port, "pid": redis.pid(), "appendfsync": appendfsync},
+            "postgres": {"port": postgres.port, "pid": live[0] if live else None},
             **urls,
-        }  # fmt: skip
-        # Write-then-rename: a reader never sees half a file.
+        }
+        # Write-then-rename, so a reader never sees half a file.
         partial = base_dir / "services.json.tmp"
         partial.write_text(json.dumps(record, indent=2) + "\n")
         partial.replace(base_dir / "services.json")
@@ -467,18 +434,20 @@ def down(base_dir: Path) -> None:
     if not base_dir.is_dir():
         return
     with _locked(base_dir):
-        state = _read_state(base_dir)
-        RedisServer(_port(state, "redis"), base_dir / "redis").stop()
-        PostgresServer(_port(state, "postgres"), base_dir / "pg").stop()
+        redis_port, pg_port = _state(base_dir)
+        RedisServer(redis_port, base_dir / "redis").stop()
+        PostgresServer(pg_port, base_dir / "pg").stop()
         (base_dir / "services.json").unlink(missing_ok=True)
 
 
 def status(base_dir: Path) -> dict[str, str | None]:
     """redis_url and postgres_dsn of the servers running for base_dir; None for a stopped one."""
     base_dir = base_dir.resolve()
-    state = _read_state(base_dir)
-    redis = RedisServer(_port(state, "redis"), base_dir / "redis")
-    postgres = PostgresServer(_port(state, "postgres"), base_dir / "pg")
+    redis_port, pg_port = _state(base_dir)
+    redis = RedisServer(redis_port, base_dir / "redis")
+    postgres = PostgresServer(pg_port, base_dir / "pg")
+    if live := postgres.postmaster():
+        postgres.port = live[1]
     return {
         "redis_url": redis.url if redis.running() else None,
         "postgres_dsn": postgres.dsn if postgres.running() else None,
@@ -490,24 +459,23 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m engine.localservices",
         description="Run flashsale's own Redis and PostgreSQL on 127.0.0.1 (free ports), with "
         "their data, logs and services.json in --dir.",
-        epilog='example: python -m engine.localservices up && eval "$(python -m '
-        'engine.localservices env)"',
+        epilog='typical: python -m engine.localservices up; eval "$(python -m '
+        'engine.localservices env)"; ...; python -m engine.localservices down',
     )
     parser.add_argument(
         "action",
         choices=["install", "up", "down", "status", "env"],
-        help="install: apt-get redis-server/postgresql if missing; up: start or reuse both and "
-        "print their URLs; down: stop both; status: show them (exit 1 unless both run); "
+        help="install: apt-get redis-server/postgresql if missing; up: start (or reuse) both and "
+        "print their URLs; down: stop both; status: show them, exit 1 unless both run; "
         "env: like up, but print FLASHSALE_REDIS_URL/FLASHSALE_DATABASE_URL export lines",
     )
-    parser.add_argument(
-        "--dir", type=Path, default=DEFAULT_DIR, help=f"state folder (default {DEFAULT_DIR}/)"
-    )
+    parser.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="default: %(default)s")
     parser.add_argument(
         "--appendfsync",
         default="everysec",
         choices=APPENDFSYNC_MODES,
-        help="Redis AOF fsync policy; applied live to a running server too (default everysec)",
+        help="Redis AOF fsync policy, also applied to an already running server (default: "
+        "%(default)s)",
     )
     args = parser.parse_args(argv)
     if args.action == "down":

@@ -7,6 +7,7 @@ a wrapper passing the wrong number of keys fails loudly here instead of silently
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from enum import IntEnum
 from importlib import resources
@@ -38,6 +39,10 @@ class Code(IntEnum):
     ORDER_NOT_FOUND = -11
     NOT_DUE = -12
     INVALID_STATE = -13
+    PAYMENT_MISMATCH = -14
+    STALE = 5
+    RE_RESERVED = 6
+    REFUND_PENDING = 7
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,14 +65,22 @@ class Script:
         return reply  # type: ignore[no-any-return]
 
 
+_INCLUDE = re.compile(r"^--!include (\S+)$", re.MULTILINE)
+
+
 def _load_all() -> dict[str, Script]:
+    """Every ``name-N.lua``, with its ``--!include file.lua`` lines replaced by ``includes/``."""
+    root = resources.files("engine.lua")
     scripts: dict[str, Script] = {}
-    for entry in resources.files("engine.lua").iterdir():
+    for entry in root.iterdir():
         if not entry.name.endswith(".lua"):
             continue
         stem = entry.name.removesuffix(".lua")
         name, _, count = stem.rpartition("-")
-        source = entry.read_text(encoding="utf-8")
+        source = _INCLUDE.sub(
+            lambda m: root.joinpath("includes", m.group(1)).read_text(encoding="utf-8"),
+            entry.read_text(encoding="utf-8"),
+        )
         sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
         scripts[name] = Script(name=name, key_count=int(count), source=source, sha=sha)
     return scripts

@@ -19,6 +19,10 @@ This is the only module that reads ``os.environ``. Everything else receives a ``
 | FLASHSALE_DRAIN_BATCH          | ``1000``                                  |
 | FLASHSALE_CLAIM_IDLE_MS        | ``30000``: pending this long = its worker died |
 | FLASHSALE_ADMIN_TOKEN          | none: admin routes disabled               |
+| FLASHSALE_STRIPE_API_KEY       | none: the offline mock gateway is used    |
+| FLASHSALE_STRIPE_API_BASE      | Stripe's own (tests point it at localstripe) |
+| FLASHSALE_WEBHOOK_SECRET       | none: webhook signing secret (``whsec_…``) |
+| FLASHSALE_WEBHOOK_TOLERANCE_S  | ``300``: older signatures are refused     |
 """
 
 from __future__ import annotations
@@ -67,6 +71,10 @@ class Settings:
     drain_batch: int = 1000
     claim_idle_ms: int = 30_000
     admin_token: str | None = field(default=None, repr=False)
+    stripe_api_key: str | None = field(default=None, repr=False)
+    stripe_api_base: str | None = None
+    webhook_secret: str | None = field(default=None, repr=False)
+    webhook_tolerance_s: int = 300
 
     @property
     def jwt_algorithm(self) -> str:
@@ -108,6 +116,10 @@ class Settings:
             drain_batch=_int(env, "FLASHSALE_DRAIN_BATCH", cls.drain_batch, 1),
             claim_idle_ms=_int(env, "FLASHSALE_CLAIM_IDLE_MS", cls.claim_idle_ms, 1),
             admin_token=env.get("FLASHSALE_ADMIN_TOKEN") or None,
+            stripe_api_key=env.get("FLASHSALE_STRIPE_API_KEY") or None,
+            stripe_api_base=env.get("FLASHSALE_STRIPE_API_BASE") or None,
+            webhook_secret=env.get("FLASHSALE_WEBHOOK_SECRET") or None,
+            webhook_tolerance_s=_int(env, "FLASHSALE_WEBHOOK_TOLERANCE_S", 300, 1),
         )
         if settings.environment == "production" and not (
             settings.jwt_secret or settings.jwt_public_key
@@ -119,6 +131,14 @@ class Settings:
         if settings.jwt_secret is not None and len(settings.jwt_secret.encode()) < 32:
             # RFC 7518 3.2: an HS256 key shorter than the hash is guessable offline.
             raise ConfigError("FLASHSALE_JWT_SECRET must be at least 32 bytes")
+        if settings.environment == "production" and not settings.webhook_secret:
+            raise ConfigError(
+                "refusing to start in production without FLASHSALE_WEBHOOK_SECRET: webhook "
+                "signatures are verified in every mode"
+            )
+        if settings.webhook_secret is None:
+            # Development only: the mock gateway signs its events with this one.
+            settings = replace(settings, webhook_secret="whsec_" + secrets.token_urlsafe(24))
         if settings.jwt_secret is None and settings.jwt_public_key is None:
             # Development only: a key that dies with the process, so nothing can rely on it.
             settings = replace(settings, jwt_secret=secrets.token_urlsafe(32))
@@ -140,12 +160,16 @@ class Settings:
             "FLASHSALE_MAX_BODY_BYTES": str(self.max_body_bytes),
             "FLASHSALE_DRAIN_BATCH": str(self.drain_batch),
             "FLASHSALE_CLAIM_IDLE_MS": str(self.claim_idle_ms),
+            "FLASHSALE_WEBHOOK_TOLERANCE_S": str(self.webhook_tolerance_s),
         }
         optional = {
             "FLASHSALE_JWT_SECRET": self.jwt_secret,
             "FLASHSALE_JWT_PUBLIC_KEY": self.jwt_public_key,
             "FLASHSALE_JWT_PRIVATE_KEY": self.jwt_private_key,
             "FLASHSALE_ADMIN_TOKEN": self.admin_token,
+            "FLASHSALE_STRIPE_API_KEY": self.stripe_api_key,
+            "FLASHSALE_STRIPE_API_BASE": self.stripe_api_base,
+            "FLASHSALE_WEBHOOK_SECRET": self.webhook_secret,
         }
         env.update({k: v for k, v in optional.items() if v is not None})
         return env

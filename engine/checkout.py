@@ -1,0 +1,60 @@
+"""Paying for an order: one PaymentIntent per order, whoever asks first (worker or shopper)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from redis.asyncio import Redis
+
+from engine import inventory
+from engine.errors import Conflict, NotFound, Unavailable
+from engine.keys import sale_keys
+from engine.payments import GatewayUnavailable, PaymentGateway
+
+__all__ = ["ensure_intent", "payment_for"]
+
+
+async def ensure_intent(
+    redis: Redis, gateway: PaymentGateway, sale_id: str, order_id: str, quantity: int
+) -> tuple[str, str]:
+    """The order's intent (id, client secret), created at the gateway if it has none yet.
+
+    The gateway's idempotency key is the order id, so a worker and the shopper's pay call
+    racing here create one intent; ``attach_payment`` keeps the first if two still arrive.
+    """
+    price, currency = await redis.hmget(sale_keys(sale_id).sale, "price", "currency")
+    amount = int(price) * quantity
+    try:
+        intent = await gateway.create_intent(order_id, sale_id, amount, currency)
+    except GatewayUnavailable as exc:
+        raise Unavailable("payment-unavailable", f"the payment gateway did not answer: {exc}",
+                          headers={"Retry-After": "2"}) from None  # fmt: skip
+    return await inventory.attach_payment(
+        redis, sale_id, order_id, intent.id, intent.client_secret, amount, currency
+    )
+
+
+async def payment_for(
+    redis: Redis, gateway: PaymentGateway, sale_id: str, order_id: str, user: str
+) -> dict[str, Any]:
+    """What the shopper needs to pay (``POST /v1/orders/{id}/pay``)."""
+    order = await inventory.read_order(redis, sale_id, order_id)
+    if order is None or order["user"] != user:
+        raise NotFound("order-not-found", f"there is no order {order_id!r}")
+    if order["state"] not in ("reserved", "paid"):
+        raise Conflict("order-not-payable", f"the order is {order['state']}",
+                       state=order["state"])  # fmt: skip
+    intent_id, secret = order.get("pi", ""), order.get("client_secret", "")
+    if not intent_id:
+        intent_id, secret = await ensure_intent(
+            redis, gateway, sale_id, order_id, int(order["qty"])
+        )
+        order = await inventory.read_order(redis, sale_id, order_id) or order
+    return {
+        "order_id": order_id,
+        "state": order["state"],
+        "payment_intent_id": intent_id,
+        "client_secret": secret,
+        "amount": int(order.get("amount") or 0),
+        "currency": order.get("currency", ""),
+    }

@@ -1,0 +1,157 @@
+"""Stripe webhooks: verify the signature on the raw body, store the event by its id, apply it.
+
+Stripe delivers at least once, in any order, for days. So:
+- a duplicate event id stops at the ``webhook_events`` primary key and is acknowledged;
+- every state change is a Lua script that refuses what the order has moved past (a failure
+  after success changes nothing; success after expiry re-reserves or asks for a refund);
+- an event that cannot be applied yet (the order is unknown to Redis) stays stored with
+  ``processed_at`` NULL and a worker applies it later: acknowledged, never lost.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import orjson
+import stripe
+from redis.asyncio import Redis
+
+from engine import inventory
+from engine.errors import BadRequest, Conflict, NotFound
+from engine.ids import sale_of_order
+from engine.scripts import Code
+
+__all__ = ["HANDLED", "apply_event", "apply_pending", "receive", "verify"]
+
+log = logging.getLogger("flashsale.webhooks")
+
+HANDLED = frozenset({
+    "payment_intent.succeeded",
+    "payment_intent.payment_failed",
+    "payment_intent.canceled",
+    "charge.refunded",
+})  # fmt: skip
+
+
+def verify(body: bytes, header: str | None, secret: str, tolerance_s: int) -> dict[str, Any]:
+    """The event, if ``header`` signs ``body`` with ``secret`` within the tolerance."""
+    if not header:
+        raise BadRequest("invalid-signature", "the Stripe-Signature header is missing")
+    try:
+        stripe.WebhookSignature.verify_header(body.decode("utf-8"), header, secret, tolerance_s)
+    except (stripe.SignatureVerificationError, UnicodeDecodeError) as exc:
+        raise BadRequest("invalid-signature", f"bad webhook signature: {exc}") from None
+    try:
+        event = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest("invalid-payload", "the webhook body is not JSON") from None
+    if not (
+        isinstance(event, dict)
+        and isinstance(event.get("id"), str)
+        and isinstance(event.get("type"), str)
+        and isinstance(event.get("created"), int)
+        and isinstance(event.get("data", {}).get("object"), dict)
+    ):
+        raise BadRequest("invalid-payload", "not a Stripe event (id, type, created, data.object)")
+    return event
+
+
+def _ids(event: dict[str, Any]) -> tuple[str | None, str | None]:
+    """(order id, payment intent id) the event is about, when it says."""
+    obj = event["data"]["object"]
+    metadata = obj.get("metadata") or {}
+    if event["type"].startswith("payment_intent."):
+        return metadata.get("order_id"), obj.get("id")
+    return metadata.get("order_id"), obj.get("payment_intent")
+
+
+async def receive(db: asyncpg.Pool, redis: Redis, event: dict[str, Any]) -> str:
+    """Store, then apply. Returns what happened: duplicate, ignored, pending or an outcome."""
+    order_id, intent_id = _ids(event)
+    if order_id is None and intent_id is not None and event["type"] == "charge.refunded":
+        order_id = await db.fetchval(
+            "SELECT order_id FROM payments WHERE intent_id = $1", intent_id
+        )
+    stored = await db.fetchval(
+        """
+        INSERT INTO webhook_events (id, type, created_at, order_id, intent_id, payload)
+        VALUES ($1, $2, $3, $4, $5, $6::jsonb)
+        ON CONFLICT (id) DO NOTHING
+        RETURNING id
+        """,
+        event["id"], event["type"], datetime.fromtimestamp(event["created"], tz=UTC),
+        order_id, intent_id, orjson.dumps(event).decode(),
+    )  # fmt: skip
+    if stored is None:
+        return "duplicate"
+    outcome = await apply_event(redis, event, order_id, intent_id)
+    if outcome != "pending":
+        await db.execute(
+            "UPDATE webhook_events SET processed_at = now(), outcome = $2 WHERE id = $1",
+            event["id"], outcome,
+        )  # fmt: skip
+    return outcome
+
+
+async def apply_event(
+    redis: Redis, event: dict[str, Any], order_id: str | None, intent_id: str | None
+) -> str:
+    """Apply one event to Redis; 'pending' when the order is not there (yet)."""
+    kind = event["type"]
+    if kind not in HANDLED:
+        return "ignored"
+    sale_id = sale_of_order(order_id) if order_id else None
+    if sale_id is None or order_id is None or not intent_id:
+        return "pending"
+    try:
+        if kind == "payment_intent.succeeded":
+            result = await inventory.confirm(
+                redis, sale_id, order_id, intent_id, event["created"] * 1000
+            )
+            return result.state if result.code is not Code.STALE else "stale"
+        if kind in ("payment_intent.payment_failed", "payment_intent.canceled"):
+            order = await inventory.read_order(redis, sale_id, order_id)
+            if order is None:
+                return "pending"
+            # Only the intent tied to the order speaks for it; an old one is noise.
+            if order.get("pi") != intent_id:
+                return "ignored"
+            released = await inventory.release(redis, sale_id, order_id, "failed")
+            return released.state
+        # charge.refunded: the money went back (perhaps from Stripe's dashboard).
+        requested = await inventory.refund(redis, sale_id, order_id, "request")
+        if requested.state == "refunded":
+            return "refunded"
+        done = await inventory.refund(redis, sale_id, order_id, "complete")
+        return done.state
+    except NotFound:
+        return "pending"
+    except Conflict:
+        return "ignored"  # e.g. a refund event for an order that was never paid here
+
+
+async def apply_pending(db: asyncpg.Pool, redis: Redis, older_than_s: float = 5.0) -> int:
+    """Apply stored events that could not be applied when they arrived. Returns how many."""
+    rows = await db.fetch(
+        """
+        SELECT id, payload, order_id, intent_id FROM webhook_events
+        WHERE processed_at IS NULL AND received_at < now() - make_interval(secs => $1)
+        ORDER BY created_at LIMIT 500
+        """,
+        older_than_s,
+    )
+    applied = 0
+    for row in rows:
+        event = orjson.loads(row["payload"])
+        outcome = await apply_event(redis, event, row["order_id"], row["intent_id"])
+        if outcome == "pending":
+            continue
+        await db.execute(
+            "UPDATE webhook_events SET processed_at = now(), outcome = $2 WHERE id = $1",
+            row["id"], outcome,
+        )  # fmt: skip
+        applied += 1
+    return applied

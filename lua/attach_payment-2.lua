@@ -1,0 +1,29 @@
+--[[
+  attach_payment: tie a payment intent to an order (first one wins), for the live view and,
+  through the outbox, the ledger.
+
+  KEYS[1] order hash   KEYS[2] outbox
+  ARGV[1] payment intent id   ARGV[2] client secret   ARGV[3] amount (minor units)
+  ARGV[4] currency
+
+  Returns {code, payment intent id, client secret}:
+     1 OK             attached now
+     3 ALREADY_FINAL  an intent was already attached: returns that one, nothing written
+   -11 ORDER_NOT_FOUND
+]]
+local rcall = redis.call
+--!include now.lua
+--!include emit.lua
+
+local order = rcall('HMGET', KEYS[1], 'id', 'pi', 'client_secret', 'version')
+if not order[1] then
+  return {-11}
+end
+if order[2] and order[2] ~= '' then
+  return {3, order[2], order[3] or ''}
+end
+local now = now_ms()
+rcall('HSET', KEYS[1], 'pi', ARGV[1], 'client_secret', ARGV[2], 'amount', ARGV[3],
+      'currency', ARGV[4], 'version', tonumber(order[4]) + 1, 'updated_ms', now)
+emit(KEYS[2], KEYS[1], now)
+return {1, ARGV[1], ARGV[2]}
