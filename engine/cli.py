@@ -191,6 +191,59 @@ def cmd_token(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_order_refund(args: argparse.Namespace) -> int:
+    from engine import inventory
+    from engine.ids import sale_of_order
+    from engine.payments import make_gateway
+
+    sale_id = sale_of_order(args.id)
+    if sale_id is None:
+        raise ProblemError("order-not-found", f"not an order id: {args.id!r}", status=404)
+
+    async def refund(db: Any, redis: Any) -> str:
+        requested = await inventory.refund(redis, sale_id, args.id, "request", args.restock)
+        if requested.state == "refunded":
+            return "refunded"
+        order = await inventory.read_order(redis, sale_id, args.id)
+        assert order is not None
+        refund_id = await make_gateway(_settings(), redis).refund(order["pi"], args.id)
+        done = await inventory.refund(redis, sale_id, args.id, "complete", refund_id=refund_id)
+        return f"{done.state} ({refund_id})"
+
+    print(f"order {args.id}: {_run(_with_stores(refund))}")
+    return 0
+
+
+def cmd_reconcile(args: argparse.Namespace) -> int:
+    from engine.payments import make_gateway
+    from engine.reconcile import reconcile
+    from engine.sales import live_sale_ids
+
+    async def run(db: Any, redis: Any) -> int:
+        gateway = make_gateway(_settings(), redis)
+        sale_ids = [args.sale] if args.sale else await live_sale_ids(redis)
+        differences = 0
+        for sale_id in sale_ids:
+            report = await reconcile(redis, db, gateway, sale_id, repair=args.repair)
+            differences += len(report.differences)
+            print(f"sale {sale_id}: {len(report.differences) or 'no'} differences")
+            if report.differences:
+                print(f"  {'kind':<26} {'order':<34} detail")
+                for difference in report.differences:
+                    print(f"  {difference}")
+            for line in report.repaired:
+                print(f"  repaired: {line}")
+        return 1 if differences else 0
+
+    try:
+        return _run(_with_stores(run))
+    except ProblemError:
+        raise
+    except Exception as exc:  # exit 2 means "could not tell", distinct from "found something"
+        print(f"flashsale: reconcile failed: {exc}", file=sys.stderr)
+        return 2
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from engine.demo import run_demo
 
@@ -294,6 +347,31 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--ttl", type=_positive, default=3600, help="seconds (default 3600)")
     token.add_argument("--out", help="write 'user<TAB>token' lines to this file")
     token.set_defaults(func=cmd_token)
+
+    order = sub.add_parser("order", help="operate on one order")
+    order_sub = order.add_subparsers(dest="order_command", required=True, metavar="ACTION")
+    refund = order_sub.add_parser(
+        "refund",
+        help="refund a paid order at the gateway (idempotent)",
+        description="Refund a paid order: its units leave the shopper, go back to stock with "
+        "--restock or are withdrawn otherwise, and the payment is refunded at the gateway. "
+        "Running it again changes nothing.",
+    )
+    refund.add_argument("id", help="order id")
+    refund.add_argument("--restock", action="store_true", help="put the units back on sale")
+    refund.set_defaults(func=cmd_order_refund)
+
+    reconcile = sub.add_parser(
+        "reconcile",
+        help="compare Redis, Postgres and the gateway; exit 0 same, 1 differ, 2 error",
+        description="Compare Redis (live), Postgres (ledger) and the payment gateway for one "
+        "sale or every live sale, and print each difference. Exit status: 0 nothing differs, "
+        "1 something does, 2 the comparison itself failed.",
+    )
+    reconcile.add_argument("--sale", help="only this sale (default: every live sale)")
+    reconcile.add_argument("--repair", action="store_true",
+                           help="fix what can be fixed safely, and say what was done")  # fmt: skip
+    reconcile.set_defaults(func=cmd_reconcile)
 
     demo = sub.add_parser(
         "demo",

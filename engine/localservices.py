@@ -46,8 +46,11 @@ def _cmd(template: str, **values: object) -> list[str]:
 
 
 def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
-    # Captured, so `env` output stays eval-able and failures can quote the tool's own words.
-    return subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "LC_ALL": "C"})
+    # Captured, so `env` output stays eval-able and failures can quote the tool's own words. A
+    # shell's PGHOST, PGSSLMODE, PGDATA... must not steer our tools toward some other server.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env["PGCONNECT_TIMEOUT"] = "10"
+    return subprocess.run(cmd, capture_output=True, text=True, env=env)
 
 
 def _as_postgres(cmd: list[str]) -> list[str]:
@@ -181,9 +184,11 @@ class RedisServer:
             try:
                 self.call("SHUTDOWN", "NOSAVE")
             except OSError:
-                os.kill(pid, signal.SIGTERM)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
             if not _wait(lambda: not _alive(pid, "redis-server"), 20):
-                os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
                 _wait(lambda: not _alive(pid, "redis-server"), 5)
         self.pidfile.unlink(missing_ok=True)
 
@@ -274,7 +279,7 @@ class PostgresServer:
 
     def stop(self) -> None:
         if self.postmaster() is None:
-            return  # a stale postmaster.pid is left for the next pg_ctl start to discard
+            return  # a stale postmaster.pid is left for start_postgres to discard
         stop = _cmd("{ctl} -D {data} stop -m fast -w -t 60", ctl=_bin("pg_ctl"), data=self.data)
         result = _run(_as_postgres(stop))
         if result.returncode != 0 and self.postmaster() is not None:
@@ -300,9 +305,7 @@ def _give_to_postgres(folder: Path) -> None:
     try:
         user = pwd.getpwnam("postgres")
     except KeyError:
-        raise RuntimeError(
-            "as root, PostgreSQL needs the postgres user: install postgresql"
-        ) from None
+        raise RuntimeError("as root, PostgreSQL needs the postgres user") from None
     for root, dirs, files in os.walk(folder):
         for name in [".", *dirs, *files]:
             os.chown(os.path.join(root, name), user.pw_uid, user.pw_gid, follow_symlinks=False)

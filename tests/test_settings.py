@@ -18,6 +18,7 @@ def test_production_with_a_key_reads_everything():
     settings = Settings.from_env(
         {
             "FLASHSALE_JWT_SECRET": KEY,
+            "FLASHSALE_WEBHOOK_SECRET": "whsec_test",
             "FLASHSALE_REDIS_URL": "redis://r:1/2",
             "FLASHSALE_HOLD_SECONDS": "30",
             "FLASHSALE_SERVER_WORKERS": "3",
@@ -35,8 +36,15 @@ def test_development_makes_a_throwaway_key():
     assert first.jwt_secret and first.jwt_secret != second.jwt_secret
 
 
+def test_production_refuses_to_start_without_a_webhook_secret():
+    with pytest.raises(ConfigError, match="WEBHOOK"):
+        Settings.from_env({"FLASHSALE_JWT_SECRET": KEY})
+
+
 def test_public_key_pins_rs256():
-    settings = Settings.from_env({"FLASHSALE_JWT_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----"})
+    settings = Settings.from_env(
+        {"FLASHSALE_JWT_PUBLIC_KEY": "-----BEGIN PUBLIC KEY-----", "FLASHSALE_ENV": "test"}
+    )
     assert settings.jwt_algorithm == "RS256"
 
 

@@ -17,11 +17,15 @@ from typing import Any
 from arq import cron
 
 from engine.db import connect_postgres, connect_redis
+from engine.payments import make_gateway
+from engine.reconcile import reconcile
 from engine.sales import live_sale_ids
 from engine.scripts import load_scripts
 from engine.settings import Settings
+from engine.webhooks import apply_pending
 from workers.holds import expire_sale
 from workers.outbox import drain_sale
+from workers.payments import create_intents, pay_refunds
 
 __all__ = ["WorkerSettings"]
 
@@ -36,14 +40,16 @@ IDLE_POLL_S = 0.01
 async def startup(ctx: dict[str, Any]) -> None:
     settings = Settings.from_env()
     ctx["settings"] = settings
-    ctx["redis"] = connect_redis(settings, pool_size=32)
+    # ctx["redis"] is arq's own connection; ours is ctx["store"].
+    ctx["store"] = connect_redis(settings, pool_size=32)
     ctx["db"] = await connect_postgres(settings, min_size=1, max_size=4)
     ctx["consumer"] = f"{socket.gethostname()}-{os.getpid()}"
-    await load_scripts(ctx["redis"])
+    ctx["gateway"] = make_gateway(settings, ctx["store"])
+    await load_scripts(ctx["store"])
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    await ctx["redis"].aclose()
+    await ctx["store"].aclose()
     await ctx["db"].close()
 
 
@@ -54,9 +60,9 @@ async def drain_outboxes(ctx: dict[str, Any]) -> int:
     written = 0
     while True:
         this_pass = 0
-        for sale_id in await live_sale_ids(ctx["redis"]):
+        for sale_id in await live_sale_ids(ctx["store"]):
             this_pass += await drain_sale(
-                ctx["redis"],
+                ctx["store"],
                 ctx["db"],
                 sale_id,
                 ctx["consumer"],
@@ -71,13 +77,45 @@ async def drain_outboxes(ctx: dict[str, Any]) -> int:
 
 
 async def expire_holds(ctx: dict[str, Any]) -> int:
-    """Expire every due hold of every live sale."""
+    """Expire every due hold of every live sale (cancelling its PaymentIntent first)."""
     expired = 0
-    for sale_id in await live_sale_ids(ctx["redis"]):
-        expired += await expire_sale(ctx["redis"], sale_id)
+    for sale_id in await live_sale_ids(ctx["store"]):
+        expired += await expire_sale(ctx["store"], sale_id, gateway=ctx["gateway"])
     if expired:
         log.info("expired %d holds", expired)
     return expired
+
+
+async def payment_intents(ctx: dict[str, Any]) -> int:
+    """Create a PaymentIntent for every live hold without one."""
+    made = 0
+    for sale_id in await live_sale_ids(ctx["store"]):
+        made += await create_intents(ctx["store"], ctx["gateway"], sale_id)
+    return made
+
+
+async def refunds(ctx: dict[str, Any]) -> int:
+    """Refund at the gateway what is owed (late payments without stock, admin refunds)."""
+    done = 0
+    for sale_id in await live_sale_ids(ctx["store"]):
+        done += await pay_refunds(ctx["store"], ctx["gateway"], sale_id)
+    return done
+
+
+async def webhook_retries(ctx: dict[str, Any]) -> int:
+    """Apply stored webhook events that arrived before their order could take them."""
+    return await apply_pending(ctx["db"], ctx["store"])
+
+
+async def reconcile_sales(ctx: dict[str, Any]) -> int:
+    """Compare Redis, Postgres and the gateway; log every difference (repairs are manual)."""
+    differences = 0
+    for sale_id in await live_sale_ids(ctx["store"]):
+        report = await reconcile(ctx["store"], ctx["db"], ctx["gateway"], sale_id)
+        for difference in report.differences:
+            log.warning("reconcile %s: %s", sale_id, difference)
+        differences += len(report.differences)
+    return differences
 
 
 class WorkerSettings:
@@ -85,6 +123,10 @@ class WorkerSettings:
     cron_jobs = [
         cron(drain_outboxes, second=None, microsecond=0, run_at_startup=True, timeout=30),
         cron(expire_holds, second=None, microsecond=500_000, run_at_startup=True, timeout=30),
+        cron(payment_intents, second=None, microsecond=250_000, run_at_startup=True, timeout=30),
+        cron(refunds, second=None, microsecond=750_000, run_at_startup=True, timeout=30),
+        cron(webhook_retries, second={0, 10, 20, 30, 40, 50}, timeout=30),
+        cron(reconcile_sales, second=15, timeout=120),
     ]
     on_startup = startup
     on_shutdown = shutdown

@@ -1,0 +1,87 @@
+"""Payment jobs: create PaymentIntents for new holds, refund what is owed, retry webhooks."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from redis.asyncio import Redis
+
+from engine import inventory
+from engine.checkout import ensure_intent
+from engine.errors import Unavailable
+from engine.keys import sale_keys
+from engine.payments import GatewayUnavailable, PaymentGateway
+from engine.scripts import Code
+
+__all__ = ["create_intents", "pay_refunds"]
+
+log = logging.getLogger("flashsale.payments")
+
+# Stripe allows 100 write requests/s in live mode; a few in flight per worker stays well inside.
+GATEWAY_CONCURRENCY = 8
+
+
+async def create_intents(redis: Redis, gateway: PaymentGateway, sale_id: str) -> int:
+    """A PaymentIntent for every live hold that has none yet. Returns how many were made."""
+    keys = sale_keys(sale_id)
+    order_ids: list[str] = await redis.zrange(keys.holds, 0, -1)
+    if not order_ids:
+        return 0
+    async with redis.pipeline(transaction=False) as pipe:
+        for order_id in order_ids:
+            pipe.hmget(keys.order(order_id), "pi", "qty", "state")
+        rows = await pipe.execute()
+    todo = [(oid, int(qty)) for oid, (pi, qty, state) in zip(order_ids, rows, strict=True)
+            if state == "reserved" and not pi]  # fmt: skip
+    gate = asyncio.Semaphore(GATEWAY_CONCURRENCY)
+
+    async def one(order_id: str, quantity: int) -> bool:
+        async with gate:
+            try:
+                await ensure_intent(redis, gateway, sale_id, order_id, quantity)
+            except Unavailable as exc:
+                log.warning("no intent for %s yet: %s", order_id, exc.detail)
+                return False
+            return True
+
+    return sum(await asyncio.gather(*(one(oid, qty) for oid, qty in todo)))
+
+
+async def pay_refunds(redis: Redis, gateway: PaymentGateway, sale_id: str) -> int:
+    """Refund at the gateway every order in refund_pending, then mark it refunded."""
+    keys = sale_keys(sale_id)
+    owed: list[str] = await redis.zrange(keys.refunds, 0, 499)
+    done = 0
+    for order_id in owed:
+        order = await inventory.read_order(redis, sale_id, order_id)
+        if order is None or not order.get("pi"):
+            continue
+        try:
+            refund_id = await gateway.refund(order["pi"], order_id)
+        except GatewayUnavailable as exc:
+            log.warning("refund of %s not made yet: %s", order_id, exc)
+            continue
+        # Killed here? The refund's idempotency key (the order id) makes the retry return the
+        # same refund instead of paying twice.
+        result = await inventory.refund(redis, sale_id, order_id, "complete", refund_id=refund_id)
+        done += result.code is Code.OK
+    return done
+
+
+async def expire_or_settle(
+    redis: Redis, gateway: PaymentGateway, sale_id: str, order_id: str, intent_id: str
+) -> str:
+    """Before a hold with an intent expires, cancel the intent; if the money already moved,
+    the order becomes paid instead. Returns the order's resulting state."""
+    try:
+        intent = await gateway.cancel_intent(intent_id)
+    except GatewayUnavailable:
+        return "reserved"  # try again next tick; the hold stays until Stripe answers
+    if intent.status == "succeeded":
+        result = await inventory.confirm(redis, sale_id, order_id, intent_id)
+        return result.state
+    if intent.status == "processing":
+        return "reserved"  # the bank has not decided; its webhook will
+    released = await inventory.release(redis, sale_id, order_id, "expired")
+    return released.state
