@@ -127,6 +127,7 @@ def create_app(settings: Settings, redis: Redis | None = None) -> Starlette:
         try:
             yield
         finally:
+            await state["gateway"].aclose()
             await state["db"].close()
             if redis is None:
                 await client.aclose()
@@ -229,9 +230,11 @@ def create_app(settings: Settings, redis: Redis | None = None) -> Starlette:
         if len(body) > 256 * 1024:
             raise PayloadTooLarge("body-too-large", "a webhook body may be at most 256 KiB")
         event = webhooks.verify(
-            body, request.headers.get("stripe-signature"), webhook_secret,
+            body,
+            request.headers.get("stripe-signature"),
+            webhook_secret,
             settings.webhook_tolerance_s,
-        )  # fmt: skip
+        )
         outcome = await webhooks.receive(state["db"], state["redis"], event)
         return JSONResponse({"received": True, "outcome": outcome})
 

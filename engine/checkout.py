@@ -27,8 +27,11 @@ async def ensure_intent(
     try:
         intent = await gateway.create_intent(order_id, sale_id, amount, currency)
     except GatewayUnavailable as exc:
-        raise Unavailable("payment-unavailable", f"the payment gateway did not answer: {exc}",
-                          headers={"Retry-After": "2"}) from None  # fmt: skip
+        raise Unavailable(
+            "payment-unavailable",
+            f"the payment gateway did not answer: {exc}",
+            headers={"Retry-After": "2"},
+        ) from None
     return await inventory.attach_payment(
         redis, sale_id, order_id, intent.id, intent.client_secret, amount, currency
     )
@@ -42,8 +45,7 @@ async def payment_for(
     if order is None or order["user"] != user:
         raise NotFound("order-not-found", f"there is no order {order_id!r}")
     if order["state"] not in ("reserved", "paid"):
-        raise Conflict("order-not-payable", f"the order is {order['state']}",
-                       state=order["state"])  # fmt: skip
+        raise Conflict("order-not-payable", f"the order is {order['state']}", state=order["state"])
     intent_id, secret = order.get("pi", ""), order.get("client_secret", "")
     if not intent_id:
         intent_id, secret = await ensure_intent(

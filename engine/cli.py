@@ -51,12 +51,20 @@ async def _with_stores(fn: Callable[[Any, Any], Awaitable[T]]) -> T:
         await db.close()
 
 
+# What `serve --app` can run; the bench's yardsticks are served by the very same uvicorn set-up.
+_SERVE_APPS = {
+    "engine": "engine.asgi:create",
+    "ceiling": "engine.benchapps:create_ceiling",
+    "baseline": "engine.benchapps:create_baseline",
+}
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     settings = _settings()
     uvicorn.run(
-        "engine.asgi:create",
+        _SERVE_APPS[args.app],
         factory=True,
         host=args.host or settings.host,
         port=args.port if args.port is not None else settings.port,
@@ -281,6 +289,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
     )
+    serve.add_argument(
+        "--app",
+        default="engine",
+        choices=sorted(_SERVE_APPS),
+        help="engine (default), or one of `flashsale bench`'s yardsticks: ceiling (token and "
+        "body only, no store) or baseline (stock decided in Postgres)",
+    )
     serve.set_defaults(func=cmd_serve)
 
     worker = sub.add_parser("worker", help="run an arq worker: drain outboxes, expire holds")
@@ -369,8 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
         "1 something does, 2 the comparison itself failed.",
     )
     reconcile.add_argument("--sale", help="only this sale (default: every live sale)")
-    reconcile.add_argument("--repair", action="store_true",
-                           help="fix what can be fixed safely, and say what was done")  # fmt: skip
+    reconcile.add_argument(
+        "--repair", action="store_true", help="fix what can be fixed safely, and say what was done"
+    )
     reconcile.set_defaults(func=cmd_reconcile)
 
     demo = sub.add_parser(

@@ -190,8 +190,15 @@ async def release(
 
 def _order_keys(sale_id: str, order_id: str) -> list[str]:
     keys = sale_keys(sale_id)
-    return [keys.sale, keys.stock, keys.users, keys.holds, keys.outbox, keys.order(order_id),
-            keys.refunds]  # fmt: skip
+    return [
+        keys.sale,
+        keys.stock,
+        keys.users,
+        keys.holds,
+        keys.outbox,
+        keys.order(order_id),
+        keys.refunds,
+    ]
 
 
 async def confirm(

@@ -204,12 +204,18 @@ def start_redis(
     if (pid := server.pid()) is not None:
         raise RuntimeError(f"redis-server pid {pid} already uses {server.dir}; stop it first")
     server.pidfile.unlink(missing_ok=True)
-    started = _run(_cmd(
-        "redis-server --bind 127.0.0.1 --port {port} --protected-mode no --dir {dir} "
-        "--appendonly yes --appendfsync {fsync} --save '' --daemonize yes "
-        "--pidfile {pidfile} --logfile {log}",
-        port=server.port, dir=server.dir, fsync=appendfsync, pidfile=server.pidfile, log=server.log,
-    ))  # fmt: skip
+    started = _run(
+        _cmd(
+            "redis-server --bind 127.0.0.1 --port {port} --protected-mode no --dir {dir} "
+            "--appendonly yes --appendfsync {fsync} --save '' --daemonize yes "
+            "--pidfile {pidfile} --logfile {log}",
+            port=server.port,
+            dir=server.dir,
+            fsync=appendfsync,
+            pidfile=server.pidfile,
+            log=server.log,
+        )
+    )
 
     def died() -> bool:  # daemonized, so a bad start shows only as a pid file without a process
         pid = server.recorded_pid()

@@ -64,8 +64,12 @@ class PaymentGateway(Protocol):
         """Refund the whole payment (idempotent per order); returns the refund id."""
         ...
 
+    async def aclose(self) -> None: ...
+
 
 def _intent(obj: Any) -> Intent:
+    if hasattr(obj, "to_dict"):  # the SDK's objects are not dicts
+        obj = obj.to_dict()
     metadata = obj.get("metadata") or {}
     return Intent(
         id=obj["id"],
@@ -79,22 +83,29 @@ def _intent(obj: Any) -> Intent:
 
 class StripeGateway:
     def __init__(self, api_key: str, api_base: str | None = None) -> None:
+        self._http = stripe.HTTPXClient()
         self._client = stripe.StripeClient(
             api_key,
             base_addresses={"api": api_base} if api_base else {},
-            http_client=stripe.HTTPXClient(),
+            http_client=self._http,
             max_network_retries=2,
         )
+
+    async def aclose(self) -> None:
+        await self._http.close_async()  # type: ignore[no-untyped-call]
 
     async def create_intent(
         self, order_id: str, sale_id: str, amount: int, currency: str
     ) -> Intent:
         try:
             obj = await self._client.v1.payment_intents.create_async(
-                {"amount": amount, "currency": currency,
-                 "metadata": {"order_id": order_id, "sale_id": sale_id}},
+                {
+                    "amount": amount,
+                    "currency": currency,
+                    "metadata": {"order_id": order_id, "sale_id": sale_id},
+                },
                 {"idempotency_key": INTENT_KEY.format(order_id=order_id)},
-            )  # fmt: skip
+            )
         except (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError) as exc:
             raise GatewayUnavailable(str(exc)) from exc
         return _intent(obj)
@@ -123,7 +134,7 @@ class StripeGateway:
             )
         except (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError) as exc:
             raise GatewayUnavailable(str(exc)) from exc
-        return str(refund["id"])
+        return str(refund.id)
 
 
 class MockGateway:
@@ -133,13 +144,21 @@ class MockGateway:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
 
+    async def aclose(self) -> None:
+        """Nothing to close: the Redis client belongs to the caller."""
+
     async def _read(self, intent_id: str) -> Intent:
         fields = await self._redis.hgetall(mock_intent(intent_id))
         if not fields:
             raise KeyError(intent_id)
-        return Intent(id=intent_id, client_secret=fields["client_secret"], status=fields["status"],
-                      amount=int(fields["amount"]), currency=fields["currency"],
-                      order_id=fields["order_id"])  # fmt: skip
+        return Intent(
+            id=intent_id,
+            client_secret=fields["client_secret"],
+            status=fields["status"],
+            amount=int(fields["amount"]),
+            currency=fields["currency"],
+            order_id=fields["order_id"],
+        )
 
     async def create_intent(
         self, order_id: str, sale_id: str, amount: int, currency: str
@@ -149,11 +168,17 @@ class MockGateway:
         key = mock_idempotency(INTENT_KEY.format(order_id=order_id))
         if not await self._redis.set(key, intent_id, nx=True, ex=86_400):
             return await self._read(await self._redis.get(key))
-        await self._redis.hset(mock_intent(intent_id), mapping={
-            "client_secret": f"{intent_id}_secret_{secrets.token_hex(8)}",
-            "status": "requires_payment_method", "amount": amount, "currency": currency,
-            "order_id": order_id, "sale_id": sale_id,
-        })  # fmt: skip
+        await self._redis.hset(
+            mock_intent(intent_id),
+            mapping={
+                "client_secret": f"{intent_id}_secret_{secrets.token_hex(8)}",
+                "status": "requires_payment_method",
+                "amount": amount,
+                "currency": currency,
+                "order_id": order_id,
+                "sale_id": sale_id,
+            },
+        )
         return await self._read(intent_id)
 
     async def retrieve_intent(self, intent_id: str) -> Intent:
@@ -188,12 +213,17 @@ def intent_event(kind: str, intent: Intent, created: int | None = None) -> dict[
         "object": "event",
         "type": kind,
         "created": created if created is not None else int(time.time()),
-        "data": {"object": {
-            "id": intent.id, "object": "payment_intent", "status": intent.status,
-            "amount": intent.amount, "currency": intent.currency,
-            "metadata": {"order_id": intent.order_id},
-        }},
-    }  # fmt: skip
+        "data": {
+            "object": {
+                "id": intent.id,
+                "object": "payment_intent",
+                "status": intent.status,
+                "amount": intent.amount,
+                "currency": intent.currency,
+                "metadata": {"order_id": intent.order_id},
+            }
+        },
+    }
 
 
 def signed_event(

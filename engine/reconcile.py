@@ -49,8 +49,9 @@ class ReconcileReport:
 
 
 def _change(sale_id: str, order: dict[str, str]) -> OrderChange:
-    return OrderChange.from_entry(sale_id, {**order, "order": order["id"],
-                                            "at_ms": order["updated_ms"]})  # fmt: skip
+    return OrderChange.from_entry(
+        sale_id, {**order, "order": order["id"], "at_ms": order["updated_ms"]}
+    )
 
 
 async def reconcile(
@@ -73,9 +74,13 @@ async def reconcile(
                 stale.append(order)
             elif ledger[order_id] != (order["state"], int(order["version"])):
                 state, version = ledger[order_id]
-                found(Difference("state-mismatch", order_id,
-                                 f"redis {order['state']} v{order['version']}, "
-                                 f"ledger {state} v{version}"))  # fmt: skip
+                found(
+                    Difference(
+                        "state-mismatch",
+                        order_id,
+                        f"redis {order['state']} v{order['version']}, ledger {state} v{version}",
+                    )
+                )
                 stale.append(order)
         for order_id in ledger.keys() - orders.keys():
             found(Difference("unknown-in-ledger", order_id, f"ledger {ledger[order_id][0]}"))
@@ -94,18 +99,25 @@ async def reconcile(
     for (order_id, order), intent in zip(with_intent, intents, strict=True):
         state = order["state"]
         if intent.status == "succeeded" and state in UNPAID_STATES:
-            found(Difference("paid-at-gateway-not-here", order_id, f"{intent.id} succeeded, "
-                             f"order {state}"))  # fmt: skip
+            found(
+                Difference(
+                    "paid-at-gateway-not-here", order_id, f"{intent.id} succeeded, order {state}"
+                )
+            )
             if repair:
                 result = await inventory.confirm(redis, sale_id, order_id, intent.id)
                 report.repaired.append(f"{order_id}: confirmed, now {result.state}")
                 state = result.state
         elif state == "paid" and intent.status != "succeeded":
-            found(Difference("paid-here-not-at-gateway", order_id,
-                             f"{intent.id} is {intent.status}"))  # fmt: skip
+            found(
+                Difference("paid-here-not-at-gateway", order_id, f"{intent.id} is {intent.status}")
+            )
         if state == "refund_pending":
-            found(Difference("refund-owed", order_id, f"{intent.id} {intent.amount} "
-                             f"{intent.currency}"))  # fmt: skip
+            found(
+                Difference(
+                    "refund-owed", order_id, f"{intent.id} {intent.amount} {intent.currency}"
+                )
+            )
             if repair:
                 refund_id = await gateway.refund(intent.id, order_id)
                 await inventory.refund(redis, sale_id, order_id, "complete", refund_id=refund_id)

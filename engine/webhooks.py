@@ -28,12 +28,14 @@ __all__ = ["HANDLED", "apply_event", "apply_pending", "receive", "verify"]
 
 log = logging.getLogger("flashsale.webhooks")
 
-HANDLED = frozenset({
-    "payment_intent.succeeded",
-    "payment_intent.payment_failed",
-    "payment_intent.canceled",
-    "charge.refunded",
-})  # fmt: skip
+HANDLED = frozenset(
+    {
+        "payment_intent.succeeded",
+        "payment_intent.payment_failed",
+        "payment_intent.canceled",
+        "charge.refunded",
+    }
+)
 
 
 def verify(body: bytes, header: str | None, secret: str, tolerance_s: int) -> dict[str, Any]:
@@ -82,17 +84,22 @@ async def receive(db: asyncpg.Pool, redis: Redis, event: dict[str, Any]) -> str:
         ON CONFLICT (id) DO NOTHING
         RETURNING id
         """,
-        event["id"], event["type"], datetime.fromtimestamp(event["created"], tz=UTC),
-        order_id, intent_id, orjson.dumps(event).decode(),
-    )  # fmt: skip
+        event["id"],
+        event["type"],
+        datetime.fromtimestamp(event["created"], tz=UTC),
+        order_id,
+        intent_id,
+        orjson.dumps(event).decode(),
+    )
     if stored is None:
         return "duplicate"
     outcome = await apply_event(redis, event, order_id, intent_id)
     if outcome != "pending":
         await db.execute(
             "UPDATE webhook_events SET processed_at = now(), outcome = $2 WHERE id = $1",
-            event["id"], outcome,
-        )  # fmt: skip
+            event["id"],
+            outcome,
+        )
     return outcome
 
 
@@ -151,7 +158,8 @@ async def apply_pending(db: asyncpg.Pool, redis: Redis, older_than_s: float = 5.
             continue
         await db.execute(
             "UPDATE webhook_events SET processed_at = now(), outcome = $2 WHERE id = $1",
-            row["id"], outcome,
-        )  # fmt: skip
+            row["id"],
+            outcome,
+        )
         applied += 1
     return applied

@@ -51,8 +51,20 @@ async def test_migrate_twice_is_a_no_op(settings: Settings):
 
 
 async def test_sale_lifecycle_through_the_cli(settings: Settings, redis: Redis, db: asyncpg.Pool):
-    create = ["sale", "create", "--id", "cli-sale", "--stock", "25", "--limit", "3",
-              "--hold-seconds", "90", "--duration", "600"]  # fmt: skip
+    create = [
+        "sale",
+        "create",
+        "--id",
+        "cli-sale",
+        "--stock",
+        "25",
+        "--limit",
+        "3",
+        "--hold-seconds",
+        "90",
+        "--duration",
+        "600",
+    ]
     result = flashsale(settings, *create)
     assert result.returncode == 0, result.stderr
     assert "created sale cli-sale" in result.stdout
@@ -103,8 +115,9 @@ def test_token_mints_many_to_a_file(settings: Settings, tmp_path: Path):
     lines = out.read_text().splitlines()
     assert len(lines) == 500
     user, token = lines[-1].split("\t")
-    claims = jwt.decode(token, settings.jwt_secret, algorithms=["HS256"],
-                        audience=settings.jwt_audience)  # fmt: skip
+    claims = jwt.decode(
+        token, settings.jwt_secret, algorithms=["HS256"], audience=settings.jwt_audience
+    )
     assert user == "load-500" and claims["sub"] == user
 
 

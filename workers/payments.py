@@ -32,8 +32,11 @@ async def create_intents(redis: Redis, gateway: PaymentGateway, sale_id: str) ->
         for order_id in order_ids:
             pipe.hmget(keys.order(order_id), "pi", "qty", "state")
         rows = await pipe.execute()
-    todo = [(oid, int(qty)) for oid, (pi, qty, state) in zip(order_ids, rows, strict=True)
-            if state == "reserved" and not pi]  # fmt: skip
+    todo = [
+        (oid, int(qty))
+        for oid, (pi, qty, state) in zip(order_ids, rows, strict=True)
+        if state == "reserved" and not pi
+    ]
     gate = asyncio.Semaphore(GATEWAY_CONCURRENCY)
 
     async def one(order_id: str, quantity: int) -> bool:

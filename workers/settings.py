@@ -49,6 +49,7 @@ async def startup(ctx: dict[str, Any]) -> None:
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
+    await ctx["gateway"].aclose()
     await ctx["store"].aclose()
     await ctx["db"].close()
 
