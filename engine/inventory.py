@@ -113,6 +113,13 @@ def _sale_error(code: Code, reply: list[Any], sale_id: str) -> ProblemError:
     raise AssertionError(f"not a sale state code: {code!r}")
 
 
+def _order_keys(sale_id: str, order_id: str, *extra: str) -> list[str]:
+    """The KEYS every order-changing script takes first, in their header's order."""
+    keys = sale_keys(sale_id)
+    return [keys.sale, keys.stock, keys.users, keys.holds, keys.outbox, keys.order(order_id),
+            *extra]  # fmt: skip
+
+
 async def reserve(
     redis: Redis, sale_id: str, user_id: str, quantity: int, idempotency_key: str
 ) -> Hold:
@@ -123,15 +130,7 @@ async def reserve(
         # The request body is just the quantity, so the quantity is the whole fingerprint.
         reply = await _reserve(
             redis,
-            [
-                keys.sale,
-                keys.stock,
-                keys.users,
-                keys.holds,
-                keys.outbox,
-                keys.order(order_id),
-                idempotency,
-            ],
+            _order_keys(sale_id, order_id, idempotency),
             [order_id, user_id, quantity, quantity, IDEMPOTENCY_TTL_S, idempotency_key],
         )
         code = Code(reply[0])
@@ -174,12 +173,7 @@ async def release(
 ) -> Release:
     """End a live hold as ``state`` (cancelled, expired, failed). Safe to call any number of
     times: stock and the shopper's count come back only on the first that finds it reserved."""
-    keys = sale_keys(sale_id)
-    reply = await _release(
-        redis,
-        [keys.sale, keys.stock, keys.users, keys.holds, keys.outbox, keys.order(order_id)],
-        [order_id, state, owner or ""],
-    )
+    reply = await _release(redis, _order_keys(sale_id, order_id), [order_id, state, owner or ""])
     code = Code(reply[0])
     if code is Code.ORDER_NOT_FOUND:
         raise NotFound("order-not-found", f"there is no order {order_id!r}")
@@ -188,25 +182,15 @@ async def release(
     return Release(code=code, state=reply[1], version=int(reply[2]))
 
 
-def _order_keys(sale_id: str, order_id: str) -> list[str]:
-    keys = sale_keys(sale_id)
-    return [
-        keys.sale,
-        keys.stock,
-        keys.users,
-        keys.holds,
-        keys.outbox,
-        keys.order(order_id),
-        keys.refunds,
-    ]
-
-
 async def confirm(
     redis: Redis, sale_id: str, order_id: str, intent_id: str, event_ms: int = 0
 ) -> Release:
     """A payment succeeded: paid, re-reserved (late payment with stock left), refund_pending
     (late payment without), or nothing (already final, stale event, another intent)."""
-    reply = await _confirm(redis, _order_keys(sale_id, order_id), [order_id, intent_id, event_ms])
+    refunds = sale_keys(sale_id).refunds
+    reply = await _confirm(
+        redis, _order_keys(sale_id, order_id, refunds), [order_id, intent_id, event_ms]
+    )
     code = Code(reply[0])
     if code is Code.ORDER_NOT_FOUND:
         raise NotFound("order-not-found", f"there is no order {order_id!r}")
@@ -223,7 +207,9 @@ async def refund(
 ) -> Release:
     """``step`` 'request': paid -> refund_pending; 'complete': refund_pending -> refunded."""
     reply = await _refund(
-        redis, _order_keys(sale_id, order_id), [order_id, step, int(restock), refund_id]
+        redis,
+        _order_keys(sale_id, order_id, sale_keys(sale_id).refunds),
+        [order_id, step, int(restock), refund_id],
     )
     code = Code(reply[0])
     if code is Code.ORDER_NOT_FOUND:

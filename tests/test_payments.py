@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -42,20 +41,24 @@ DECLINED = "4000000000000341"  # localstripe declines this one when charging
 
 
 @pytest.fixture(scope="session")
-def localstripe() -> Iterator[str]:
-    binary = shutil.which("localstripe") or str(Path(sys.prefix) / "bin" / "localstripe")
+def localstripe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     port = free_port()
-    proc = subprocess.Popen(
-        [binary, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    log = tmp_path_factory.mktemp("localstripe") / "localstripe.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.localstripe_server", "--port", str(port)],
+            stdout=out, stderr=out, cwd=Path(__file__).parents[1],
+        )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
+    # Generous: on a loaded 2-core machine its imports alone have taken several seconds.
+    deadline = time.monotonic() + 60
     while True:
         try:
             httpx.get(base + "/v1/balance", auth=("sk_test_x", ""), timeout=1)
             break
         except httpx.TransportError:
-            assert time.monotonic() < deadline, "localstripe did not start"
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "localstripe did not start:\n" + log.read_text()
             time.sleep(0.1)
     yield base
     proc.send_signal(signal.SIGTERM)
@@ -426,7 +429,9 @@ async def test_flood_of_mixed_outcomes_reconciles_clean(
         async with httpx.AsyncClient() as config:
             hook = {"url": base + "/v1/webhooks/stripe", "secret": SECRET}
             await config.post(f"{settings.stripe_api_base}/_config/webhooks/flashsale", data=hook)
-        sale = await ledger_sale(stock=60, per_user_limit=2, per_order_max=2, hold_seconds=3)
+        # Holds long enough that every shopper who pays does so before expiry, even on a
+        # loaded machine; the abandoned ones expire a few seconds later.
+        sale = await ledger_sale(stock=60, per_user_limit=2, per_order_max=2, hold_seconds=8)
         shoppers = [f"s{i}" for i in range(80)]
         tokens = {u: mint_token(settings, u) for u in shoppers}
         async with httpx.AsyncClient(base_url=base, timeout=30) as http:
@@ -475,8 +480,8 @@ async def test_flood_of_mixed_outcomes_reconciles_clean(
                         "/v1/webhooks/stripe", content=body, headers={"Stripe-Signature": header}
                     )
                     assert again.json()["outcome"] == "duplicate"
-        # Abandoned holds expire after 3 s; the worker cancels their intents first.
-        deadline = time.monotonic() + 30
+        # Abandoned holds expire after 8 s; the worker cancels their intents first.
+        deadline = time.monotonic() + 60
         while await redis.zcard(sale_keys(sale.id).holds):
             assert time.monotonic() < deadline, "holds never expired"
             await asyncio.sleep(0.2)
