@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import aiohttp
+from redis.asyncio import Redis
 
 from engine import localservices
 from engine.auth import mint_tokens
 from engine.db import connect_postgres, connect_redis, migrate
 from engine.invariants import audit_sale, wait_for_ledger
 from engine.inventory import SaleDefinition
+from engine.payments import MockGateway, signed_event
 from engine.sales import create_sale
 from engine.scripts import load_scripts
 from engine.settings import Settings
@@ -72,6 +74,7 @@ class Storm:
 
     outcomes: Counter[str] = field(default_factory=Counter)
     accepted: dict[str, int] = field(default_factory=dict)  # order id -> quantity
+    owners: dict[str, str] = field(default_factory=dict)  # order id -> the shopper's token
     cancelled: set[str] = field(default_factory=set)
     unexpected: list[str] = field(default_factory=list)
 
@@ -98,6 +101,7 @@ async def storm(
             if status == 201:
                 result.outcomes["replayed" if replayed else "accepted"] += 1
                 result.accepted[body["id"]] = body["quantity"]
+                result.owners[body["id"]] = token
                 return str(body["id"])
             code = body.get("code", "?")
             result.outcomes[code] += 1
@@ -127,6 +131,40 @@ async def storm(
     return result
 
 
+async def checkout(
+    base_url: str, settings: Settings, redis: Redis, result: Storm, seed: int = 11
+) -> Counter[str]:
+    """Shoppers pay their holds (4 in 5 cards succeed); the demo plays Stripe with the mock
+    gateway, delivering each outcome as a webhook signed with the webhook secret."""
+    rng = random.Random(seed)
+    gateway = MockGateway(redis)
+    secret = settings.webhook_secret or ""
+    outcomes: Counter[str] = Counter()
+    payable = [oid for oid in result.accepted if oid not in result.cancelled]
+    async with aiohttp.ClientSession(base_url) as session:
+
+        async def pay(order_id: str) -> None:
+            auth = {"Authorization": f"Bearer {result.owners[order_id]}"}
+            async with session.post(f"/v1/orders/{order_id}/pay", headers=auth) as response:
+                payment = await response.json()
+                if response.status != 200:
+                    result.unexpected.append(f"pay {response.status} {payment.get('code')}")
+                    return
+            event = await gateway.settle(payment["payment_intent_id"], rng.random() < 0.8)
+            body, signature = signed_event(event, secret)
+            async with session.post(
+                "/v1/webhooks/stripe", data=body, headers={"Stripe-Signature": signature}
+            ) as response:
+                answer = await response.json()
+                if response.status != 200:
+                    result.unexpected.append(f"webhook {response.status} {answer.get('code')}")
+                    return
+                outcomes[answer["outcome"]] += 1
+
+        await asyncio.gather(*(pay(oid) for oid in payable))
+    return outcomes
+
+
 async def _demo(base_dir: Path, stock: int, shoppers: int, limit: int, concurrency: int) -> int:
     urls = localservices.up(base_dir)
     settings = Settings(
@@ -134,6 +172,7 @@ async def _demo(base_dir: Path, stock: int, shoppers: int, limit: int, concurren
         redis_url=urls["redis_url"],
         database_url=urls["postgres_dsn"],
         jwt_secret=secrets.token_urlsafe(32),
+        webhook_secret="whsec_" + secrets.token_urlsafe(24),
         port=localservices.free_port(),
         hold_seconds=600,
     )
@@ -175,6 +214,7 @@ async def _demo(base_dir: Path, stock: int, shoppers: int, limit: int, concurren
         result = await storm(base_url, sale_id, tokens, concurrency)
         took = time.monotonic() - started
         requests = sum(result.outcomes.values())
+        payments = await checkout(base_url, settings, redis, result)
         ledger_wait = await wait_for_ledger(redis, sale_id)
         audit = await audit_sale(redis, db, sale_id, set(result.accepted))
 
@@ -188,6 +228,8 @@ async def _demo(base_dir: Path, stock: int, shoppers: int, limit: int, concurren
             f" (+{result.outcomes['replayed']} idempotent replays)"
         )
         print(f"cancelled: {len(result.cancelled)}")
+        print(f"paid: {payments['paid']}, card declined: {payments['failed']} "
+              f"(mock gateway, signed webhooks)")  # fmt: skip
         print(f"sold out: {result.outcomes['sold-out']}")
         print(f"rejected by limit: {result.outcomes['limit-exceeded']}")
         print(

@@ -143,6 +143,46 @@ def openapi_document() -> dict[str, Any]:
                     security=_BEARER,
                 ),
             },
+            "/v1/orders/{order_id}/pay": {
+                "post": _op(
+                    "Payment details for your order (creates its PaymentIntent once)",
+                    200,
+                    "Payment",
+                    401,
+                    404,
+                    409,
+                    503,
+                    parameters=[_ORDER_ID],
+                    security=_BEARER,
+                ),
+            },
+            "/v1/webhooks/stripe": {
+                "post": {
+                    "summary": "Stripe webhook (signed; duplicates acknowledged and ignored)",
+                    "parameters": [
+                        {
+                            "name": "Stripe-Signature",
+                            "in": "header",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {"200": {"description": "received"}, **_problems(400, 413)},
+                },
+            },
+            "/v1/admin/orders/{order_id}/refund": {
+                "post": {
+                    "summary": "Refund a paid order (admin token); a worker pays it back",
+                    "parameters": [
+                        _ORDER_ID,
+                        {"name": "restock", "in": "query", "schema": {"type": "boolean"}},
+                    ],
+                    "responses": {
+                        "202": {"description": "refund_pending"},
+                        **_problems(401, 404, 409),
+                    },
+                },
+            },
             "/v1/orders/{order_id}/cancel": {
                 "post": _op(
                     "Cancel your held order",
@@ -166,7 +206,22 @@ def openapi_document() -> dict[str, Any]:
             },
         },
         "components": {
-            "schemas": {"Order": order, "Sale": sale, "Problem": problem},
+            "schemas": {
+                "Order": order,
+                "Sale": sale,
+                "Problem": problem,
+                "Payment": {
+                    "type": "object",
+                    "properties": {
+                        "order_id": {"type": "string"},
+                        "state": {"type": "string"},
+                        "payment_intent_id": {"type": "string"},
+                        "client_secret": {"type": "string"},
+                        "amount": {"type": "integer"},
+                        "currency": {"type": "string"},
+                    },
+                },
+            },
             "responses": {
                 "Problem": {
                     "description": "RFC 9457 problem details with a stable code",
