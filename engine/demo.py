@@ -238,7 +238,7 @@ async def _demo(base_dir: Path, stock: int, shoppers: int, limit: int, concurren
         )
         print(
             f"orders in Postgres: {audit.orders_in_ledger} (ledger complete "
-            f"{ledger_wait:.2f} s after the storm)"
+            f"{ledger_wait:.2f} s after the last change)"
         )
         violations = list(audit.violations)
         if result.unexpected:
