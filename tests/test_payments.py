@@ -47,8 +47,10 @@ def localstripe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "tests.localstripe_server", "--port", str(port)],
-            stdout=out, stderr=out, cwd=Path(__file__).parents[1],
-        )  # fmt: skip
+            stdout=out,
+            stderr=out,
+            cwd=Path(__file__).parents[1],
+        )
     base = f"http://127.0.0.1:{port}"
     # Generous: on a loaded 2-core machine its imports alone have taken several seconds.
     deadline = time.monotonic() + 60
