@@ -506,3 +506,31 @@ async def test_flood_of_mixed_outcomes_reconciles_clean(
         if order.get("pi"):
             status = (await gateway.retrieve_intent(order["pi"])).status
             assert (status == "succeeded") == (state == "paid"), (oid, state, status)
+
+
+async def test_charge_refunded_and_intent_canceled_events(
+    client: httpx.AsyncClient, redis: Redis, db: asyncpg.Pool, ledger_sale: SaleFactory,
+    gateway: StripeGateway, sdk: stripe.StripeClient,
+):  # fmt: skip
+    sale = await ledger_sale(stock=4)
+    paid_id, paid_intent = await held_order(redis, gateway, sale.id, "alice")
+    await card_pays(sdk, paid_intent)
+    await deliver(client, await succeeded(gateway, paid_intent))
+    await drain_sale(redis, db, sale.id, "c", batch=100, claim_idle_ms=60_000)
+    # Refunded from Stripe's dashboard: the charge event names the intent, not the order, so
+    # the receiver finds the order through the ledger's payments table.
+    refunded = {
+        "id": "evt_refund_1", "object": "event", "type": "charge.refunded",
+        "created": int(time.time()),
+        "data": {"object": {"id": "ch_1", "object": "charge", "payment_intent": paid_intent,
+                            "amount_refunded": sale.price, "metadata": {}}},
+    }  # fmt: skip
+    assert (await deliver(client, refunded)).json()["outcome"] == "refunded"
+    assert (await inventory.read_order(redis, sale.id, paid_id))["state"] == "refunded"
+    assert await redis.hmget(sale_keys(sale.id).sale, "sold", "withdrawn") == ["0", "1"]
+
+    _, held_intent = await held_order(redis, gateway, sale.id, "bob")
+    await gateway.cancel_intent(held_intent)
+    canceled = intent_event("payment_intent.canceled", await gateway.retrieve_intent(held_intent))
+    assert (await deliver(client, canceled)).json()["outcome"] == "failed"
+    assert await redis.get(sale_keys(sale.id).stock) == "3"  # bob's unit is back
