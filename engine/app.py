@@ -235,7 +235,7 @@ def create_app(settings: Settings, redis: Redis | None = None) -> Starlette:
             webhook_secret,
             settings.webhook_tolerance_s,
         )
-        outcome = await webhooks.receive(state["db"], state["redis"], event)
+        outcome = await webhooks.receive(state["db"], state["redis"], state["gateway"], event)
         return JSONResponse({"received": True, "outcome": outcome})
 
     async def admin_refund(request: Request) -> Response:

@@ -228,8 +228,10 @@ async def _demo(base_dir: Path, stock: int, shoppers: int, limit: int, concurren
             f" (+{result.outcomes['replayed']} idempotent replays)"
         )
         print(f"cancelled: {len(result.cancelled)}")
-        print(f"paid: {payments['paid']}, card declined: {payments['failed']} "
-              f"(mock gateway, signed webhooks)")  # fmt: skip
+        print(
+            f"paid: {payments['paid']}, card declined: {payments['failed']} "
+            f"(mock gateway, signed webhooks)"
+        )
         print(f"sold out: {result.outcomes['sold-out']}")
         print(f"rejected by limit: {result.outcomes['limit-exceeded']}")
         print(

@@ -116,8 +116,15 @@ def _sale_error(code: Code, reply: list[Any], sale_id: str) -> ProblemError:
 def _order_keys(sale_id: str, order_id: str, *extra: str) -> list[str]:
     """The KEYS every order-changing script takes first, in their header's order."""
     keys = sale_keys(sale_id)
-    return [keys.sale, keys.stock, keys.users, keys.holds, keys.outbox, keys.order(order_id),
-            *extra]  # fmt: skip
+    return [
+        keys.sale,
+        keys.stock,
+        keys.users,
+        keys.holds,
+        keys.outbox,
+        keys.order(order_id),
+        *extra,
+    ]
 
 
 async def reserve(
@@ -233,8 +240,11 @@ async def attach_payment(
     reply = await _attach_payment(
         redis, [keys.order(order_id), keys.outbox], [intent_id, client_secret, amount, currency]
     )
-    if Code(reply[0]) is Code.ORDER_NOT_FOUND:
+    code = Code(reply[0])
+    if code is Code.ORDER_NOT_FOUND:
         raise NotFound("order-not-found", f"there is no order {order_id!r}")
+    if code is Code.INVALID_STATE:
+        raise Conflict("order-not-payable", f"the order is {reply[1]}", state=reply[1])
     return str(reply[1]), str(reply[2])
 
 

@@ -20,6 +20,7 @@ from engine.keys import mock_idempotency, mock_intent
 from engine.settings import Settings
 
 __all__ = [
+    "GatewayRefused",
     "GatewayUnavailable",
     "Intent",
     "MockGateway",
@@ -37,6 +38,11 @@ REFUND_KEY = "refund-{order_id}"
 
 class GatewayUnavailable(Exception):
     """The gateway could not answer now; the job retries later."""
+
+
+class GatewayRefused(Exception):
+    """The gateway answered no for this object (unknown intent, bad state); retrying the same
+    call will not help, but other orders must not wait behind it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +121,8 @@ class StripeGateway:
             return _intent(await self._client.v1.payment_intents.retrieve_async(intent_id))
         except (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError) as exc:
             raise GatewayUnavailable(str(exc)) from exc
+        except stripe.StripeError as exc:  # e.g. no such intent (another account or mode)
+            raise GatewayRefused(str(exc)) from exc
 
     async def cancel_intent(self, intent_id: str) -> Intent:
         try:
@@ -134,6 +142,13 @@ class StripeGateway:
             )
         except (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError) as exc:
             raise GatewayUnavailable(str(exc)) from exc
+        except stripe.InvalidRequestError as exc:
+            # Refunded already (from the dashboard, or by us before a crash): that refund is
+            # the answer. Anything else is a refusal the operator must see.
+            existing = await self._client.v1.refunds.list_async({"payment_intent": intent_id})
+            if existing.data:
+                return str(existing.data[0].id)
+            raise GatewayRefused(str(exc)) from exc
         return str(refund.id)
 
 
@@ -150,7 +165,7 @@ class MockGateway:
     async def _read(self, intent_id: str) -> Intent:
         fields = await self._redis.hgetall(mock_intent(intent_id))
         if not fields:
-            raise KeyError(intent_id)
+            raise GatewayRefused(f"no such payment intent: {intent_id}")
         return Intent(
             id=intent_id,
             client_secret=fields["client_secret"],

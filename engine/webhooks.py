@@ -4,8 +4,11 @@ Stripe delivers at least once, in any order, for days. So:
 - a duplicate event id stops at the ``webhook_events`` primary key and is acknowledged;
 - every state change is a Lua script that refuses what the order has moved past (a failure
   after success changes nothing; success after expiry re-reserves or asks for a refund);
-- an event that cannot be applied yet (the order is unknown to Redis) stays stored with
-  ``processed_at`` NULL and a worker applies it later: acknowledged, never lost.
+- an event that cannot be applied yet (the order is unknown to Redis, or a refund that
+  arrived before the payment it refunds) stays stored with ``processed_at`` NULL and a worker
+  applies it later: acknowledged, never lost;
+- an event about no order of ours (another product on the same Stripe account) is stored as
+  ``not-ours`` so it never clogs the retry queue.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from redis.asyncio import Redis
 from engine import inventory
 from engine.errors import BadRequest, Conflict, NotFound
 from engine.ids import sale_of_order
+from engine.payments import GatewayUnavailable, PaymentGateway
 from engine.scripts import Code
 
 __all__ = ["HANDLED", "apply_event", "apply_pending", "receive", "verify"]
@@ -44,7 +48,8 @@ def verify(body: bytes, header: str | None, secret: str, tolerance_s: int) -> di
         raise BadRequest("invalid-signature", "the Stripe-Signature header is missing")
     try:
         stripe.WebhookSignature.verify_header(body.decode("utf-8"), header, secret, tolerance_s)
-    except (stripe.SignatureVerificationError, UnicodeDecodeError) as exc:
+    # TypeError: hmac.compare_digest refuses a non-ASCII signature; it is just a bad one.
+    except (stripe.SignatureVerificationError, UnicodeDecodeError, TypeError, ValueError) as exc:
         raise BadRequest("invalid-signature", f"bad webhook signature: {exc}") from None
     try:
         event = orjson.loads(body)
@@ -70,13 +75,21 @@ def _ids(event: dict[str, Any]) -> tuple[str | None, str | None]:
     return metadata.get("order_id"), obj.get("payment_intent")
 
 
-async def receive(db: asyncpg.Pool, redis: Redis, event: dict[str, Any]) -> str:
-    """Store, then apply. Returns what happened: duplicate, ignored, pending or an outcome."""
+async def _resolve(db: asyncpg.Pool, event: dict[str, Any]) -> tuple[str | None, str | None]:
     order_id, intent_id = _ids(event)
     if order_id is None and intent_id is not None and event["type"] == "charge.refunded":
+        # A charge carries the intent, not our metadata: the ledger knows whose it is.
         order_id = await db.fetchval(
             "SELECT order_id FROM payments WHERE intent_id = $1", intent_id
         )
+    return order_id, intent_id
+
+
+async def receive(
+    db: asyncpg.Pool, redis: Redis, gateway: PaymentGateway, event: dict[str, Any]
+) -> str:
+    """Store, then apply. Returns what happened: duplicate, ignored, pending or an outcome."""
+    order_id, intent_id = await _resolve(db, event)
     stored = await db.fetchval(
         """
         INSERT INTO webhook_events (id, type, created_at, order_id, intent_id, payload)
@@ -93,7 +106,7 @@ async def receive(db: asyncpg.Pool, redis: Redis, event: dict[str, Any]) -> str:
     )
     if stored is None:
         return "duplicate"
-    outcome = await apply_event(redis, event, order_id, intent_id)
+    outcome = await apply_event(redis, gateway, event, order_id, intent_id)
     if outcome != "pending":
         await db.execute(
             "UPDATE webhook_events SET processed_at = now(), outcome = $2 WHERE id = $1",
@@ -104,31 +117,48 @@ async def receive(db: asyncpg.Pool, redis: Redis, event: dict[str, Any]) -> str:
 
 
 async def apply_event(
-    redis: Redis, event: dict[str, Any], order_id: str | None, intent_id: str | None
+    redis: Redis,
+    gateway: PaymentGateway,
+    event: dict[str, Any],
+    order_id: str | None,
+    intent_id: str | None,
 ) -> str:
-    """Apply one event to Redis; 'pending' when the order is not there (yet)."""
+    """Apply one event to Redis; 'pending' when it cannot be applied yet."""
     kind = event["type"]
     if kind not in HANDLED:
         return "ignored"
     sale_id = sale_of_order(order_id) if order_id else None
+    if kind == "charge.refunded" and order_id is None and intent_id:
+        return "pending"  # perhaps ours, and the ledger has not got the payment yet
     if sale_id is None or order_id is None or not intent_id:
-        return "pending"
+        return "not-ours"
     try:
         if kind == "payment_intent.succeeded":
             result = await inventory.confirm(
                 redis, sale_id, order_id, intent_id, event["created"] * 1000
             )
+            if result.code is Code.PAYMENT_MISMATCH:
+                # Money on an intent the order is not tied to: Stripe's idempotency key makes
+                # this near impossible; it is logged for reconciliation, never kept silently.
+                log.error(
+                    "payment %s succeeded for %s, tied to another intent", intent_id, order_id
+                )
+                return "foreign-intent"
             return result.state if result.code is not Code.STALE else "stale"
+        order = await inventory.read_order(redis, sale_id, order_id)
+        if order is None:
+            return "pending"
         if kind in ("payment_intent.payment_failed", "payment_intent.canceled"):
-            order = await inventory.read_order(redis, sale_id, order_id)
-            if order is None:
-                return "pending"
             # Only the intent tied to the order speaks for it; an old one is noise.
-            if order.get("pi") != intent_id:
-                return "ignored"
-            released = await inventory.release(redis, sale_id, order_id, "failed")
-            return released.state
-        # charge.refunded: the money went back (perhaps from Stripe's dashboard).
+            if order.get("pi") != intent_id or order["state"] != "reserved":
+                return order["state"]
+            return await _fail(redis, gateway, sale_id, order_id, intent_id)
+        # charge.refunded: money went back (perhaps from Stripe's dashboard).
+        charge = event["data"]["object"]
+        if charge.get("refunded") is False:
+            return "partial-refund"  # the order stands; reconcile shows the amount
+        if order["state"] not in ("paid", "refund_pending", "refunded"):
+            return "pending"  # the payment it refunds has not reached us yet
         requested = await inventory.refund(redis, sale_id, order_id, "request")
         if requested.state == "refunded":
             return "refunded"
@@ -137,29 +167,57 @@ async def apply_event(
     except NotFound:
         return "pending"
     except Conflict:
-        return "ignored"  # e.g. a refund event for an order that was never paid here
+        return "ignored"
 
 
-async def apply_pending(db: asyncpg.Pool, redis: Redis, older_than_s: float = 5.0) -> int:
-    """Apply stored events that could not be applied when they arrived. Returns how many."""
+async def _fail(
+    redis: Redis, gateway: PaymentGateway, sale_id: str, order_id: str, intent_id: str
+) -> str:
+    """A failed attempt ends the hold, but a failure event can be older than a retry the
+    shopper made since: ask Stripe to cancel first, and let its answer decide."""
+    try:
+        intent = await gateway.cancel_intent(intent_id)
+    except GatewayUnavailable:
+        return "pending"
+    if intent.status == "succeeded":
+        return (await inventory.confirm(redis, sale_id, order_id, intent_id)).state
+    if intent.status == "processing":
+        return "reserved"  # a later attempt is on its way; its own event decides
+    return (await inventory.release(redis, sale_id, order_id, "failed")).state
+
+
+async def apply_pending(
+    db: asyncpg.Pool, redis: Redis, gateway: PaymentGateway, older_than_s: float = 5.0
+) -> int:
+    """Apply stored events that could not be applied when they arrived. Returns how many.
+
+    Stripe retries for three days; an event still unapplicable after that is given up on
+    (outcome ``gave-up``, logged) so it cannot hold the queue forever."""
     rows = await db.fetch(
         """
-        SELECT id, payload, order_id, intent_id FROM webhook_events
+        SELECT id, payload, received_at < now() - interval '3 days' AS too_old
+        FROM webhook_events
         WHERE processed_at IS NULL AND received_at < now() - make_interval(secs => $1)
-        ORDER BY created_at LIMIT 500
+        ORDER BY received_at LIMIT 500
         """,
         older_than_s,
     )
     applied = 0
     for row in rows:
         event = orjson.loads(row["payload"])
-        outcome = await apply_event(redis, event, row["order_id"], row["intent_id"])
+        order_id, intent_id = await _resolve(db, event)
+        outcome = await apply_event(redis, gateway, event, order_id, intent_id)
         if outcome == "pending":
-            continue
+            if not row["too_old"]:
+                continue
+            log.error("webhook event %s could not be applied in 3 days", row["id"])
+            outcome = "gave-up"
         await db.execute(
-            "UPDATE webhook_events SET processed_at = now(), outcome = $2 WHERE id = $1",
+            "UPDATE webhook_events SET processed_at = now(), outcome = $2, order_id = $3"
+            " WHERE id = $1",
             row["id"],
             outcome,
+            order_id,
         )
         applied += 1
     return applied

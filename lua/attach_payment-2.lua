@@ -10,17 +10,21 @@
      1 OK             attached now
      3 ALREADY_FINAL  an intent was already attached: returns that one, nothing written
    -11 ORDER_NOT_FOUND
+   -13 INVALID_STATE  {-13, state}: the hold already ended; no secret is handed out for it
 ]]
 local rcall = redis.call
 --!include now.lua
 --!include emit.lua
 
-local order = rcall('HMGET', KEYS[1], 'id', 'pi', 'client_secret', 'version')
+local order = rcall('HMGET', KEYS[1], 'id', 'pi', 'client_secret', 'version', 'state')
 if not order[1] then
   return {-11}
 end
 if order[2] and order[2] ~= '' then
   return {3, order[2], order[3] or ''}
+end
+if order[5] ~= 'reserved' then
+  return {-13, order[5]}
 end
 local now = now_ms()
 rcall('HSET', KEYS[1], 'pi', ARGV[1], 'client_secret', ARGV[2], 'amount', ARGV[3],

@@ -1,6 +1,7 @@
 --[[
   load_sale: put a sale's definition into Redis. Loading again updates the definition but never
-  the live counters (stock, held, sold), so a re-run of `flashsale sale create` is harmless.
+  the live counters (stock, held, sold, withdrawn) nor its status and window (those change only
+  through set_status), so a re-run of `flashsale sale create` cannot reopen or move a sale.
 
   KEYS[1] sale hash   KEYS[2] stock   KEYS[3] outbox
 
@@ -21,7 +22,15 @@ for i = 3, #ARGV do
 end
 
 if rcall('EXISTS', KEYS[1]) == 1 then
-  rcall('HSET', KEYS[1], unpack(fields))
+  local keep = {status = true, start_ms = true, end_ms = true}
+  local update = {}
+  for i = 1, #fields, 2 do
+    if not keep[fields[i]] then
+      update[#update + 1] = fields[i]
+      update[#update + 1] = fields[i + 1]
+    end
+  end
+  rcall('HSET', KEYS[1], unpack(update))
   return {4}
 end
 

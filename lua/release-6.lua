@@ -17,14 +17,15 @@
    -13 INVALID_STATE  ARGV[2] is not a release state
 ]]
 local rcall = redis.call
+--!include now.lua
+--!include emit.lua
 
 local target = ARGV[2]
 if target ~= 'cancelled' and target ~= 'expired' and target ~= 'failed' then
   return {-13}
 end
 
-local order = rcall('HMGET', KEYS[6], 'user', 'qty', 'state', 'expires_ms', 'version',
-                    'created_ms', 'idem')
+local order = rcall('HMGET', KEYS[6], 'user', 'qty', 'state', 'expires_ms', 'version')
 if not order[1] or (ARGV[3] ~= '' and order[1] ~= ARGV[3]) then
   return {-11}
 end
@@ -32,8 +33,7 @@ if order[3] ~= 'reserved' then
   return {3, order[3], tonumber(order[5])}
 end
 
-local t = rcall('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_ms()
 if target == 'expired' and now < tonumber(order[4]) then
   return {-12, order[3], tonumber(order[5])}
 end
@@ -47,7 +47,6 @@ end
 rcall('HINCRBY', KEYS[1], 'held', -qty)
 rcall('HSET', KEYS[6], 'state', target, 'version', version, 'updated_ms', now)
 rcall('ZREM', KEYS[4], ARGV[1])
-rcall('XADD', KEYS[5], '*',
-      'order', ARGV[1], 'user', user, 'qty', qty, 'state', target, 'version', version,
-      'created_ms', order[6], 'expires_ms', order[4], 'at_ms', now, 'idem', order[7])
+-- The whole order, payment fields included, so the ledger's payments row follows too.
+emit(KEYS[5], KEYS[6], now)
 return {1, target, version}

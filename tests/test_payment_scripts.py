@@ -224,3 +224,35 @@ async def test_reconcile_command_exit_codes(
     env.update(replace(settings, redis_url="redis://127.0.0.1:1/0").as_env())
     broken = await asyncio.to_thread(run, "--sale", sale.id)
     assert broken.returncode == 2
+
+
+async def test_no_payment_is_attached_to_an_ended_hold(redis: Redis, redis_sale: SaleFactory):
+    sale = await redis_sale()
+    hold = await inventory.reserve(redis, sale.id, "alice", 1, "k1")
+    await inventory.release(redis, sale.id, hold.order_id, "cancelled")
+    with pytest.raises(Conflict) as refused:
+        await unchanged(
+            redis, inventory.attach_payment(redis, sale.id, hold.order_id, "pi_1", "s", 1, "usd")
+        )
+    assert refused.value.code == "order-not-payable"
+
+
+async def test_reloading_a_sale_never_reopens_or_moves_it(redis: Redis, redis_sale: SaleFactory):
+    sale = await redis_sale()
+    await inventory.set_status(redis, sale.id, "closed")
+    moved = replace(sale, start_ms=sale.start_ms + 5, end_ms=sale.end_ms + 5, name="Renamed")
+    assert await inventory.load_sale(redis, moved) is Code.UPDATED
+    fields = await redis.hmget(sale_keys(sale.id).sale, "status", "start_ms", "end_ms", "name")
+    assert fields == ["closed", str(sale.start_ms), str(sale.end_ms), "Renamed"]
+
+
+async def test_the_ledger_payment_row_follows_a_release(
+    redis: Redis, db: asyncpg.Pool, ledger_sale: SaleFactory
+):
+    sale = await ledger_sale()
+    hold = await inventory.reserve(redis, sale.id, "alice", 1, "k1")
+    await inventory.attach_payment(redis, sale.id, hold.order_id, "pi_1", "s", 1500, "usd")
+    await inventory.release(redis, sale.id, hold.order_id, "cancelled")
+    await drain_sale(redis, db, sale.id, "c", batch=100, claim_idle_ms=60_000)
+    row = await db.fetchrow("SELECT order_state, order_version FROM payments")
+    assert tuple(row.values()) == ("cancelled", 3)

@@ -268,7 +268,9 @@ async def test_event_for_an_unknown_order_is_kept_and_applied_later(
     assert response.status_code == 200 and response.json()["outcome"] == "pending"
     row = await db.fetchrow("SELECT processed_at FROM webhook_events")
     assert row["processed_at"] is None
-    assert await apply_pending(db, redis, older_than_s=0) == 0  # still unknown: kept
+    assert await apply_pending(db, redis, gateway, older_than_s=0) == 0  # still unknown: kept
+    foreign = intent_event("payment_intent.succeeded", replace(ghost, order_id=""))
+    assert (await deliver(client, foreign)).json()["outcome"] == "not-ours"
 
 
 @pytest.mark.parametrize("stock_left", [True, False])
@@ -509,9 +511,13 @@ async def test_flood_of_mixed_outcomes_reconciles_clean(
 
 
 async def test_charge_refunded_and_intent_canceled_events(
-    client: httpx.AsyncClient, redis: Redis, db: asyncpg.Pool, ledger_sale: SaleFactory,
-    gateway: StripeGateway, sdk: stripe.StripeClient,
-):  # fmt: skip
+    client: httpx.AsyncClient,
+    redis: Redis,
+    db: asyncpg.Pool,
+    ledger_sale: SaleFactory,
+    gateway: StripeGateway,
+    sdk: stripe.StripeClient,
+):
     sale = await ledger_sale(stock=4)
     paid_id, paid_intent = await held_order(redis, gateway, sale.id, "alice")
     await card_pays(sdk, paid_intent)
@@ -520,11 +526,20 @@ async def test_charge_refunded_and_intent_canceled_events(
     # Refunded from Stripe's dashboard: the charge event names the intent, not the order, so
     # the receiver finds the order through the ledger's payments table.
     refunded = {
-        "id": "evt_refund_1", "object": "event", "type": "charge.refunded",
+        "id": "evt_refund_1",
+        "object": "event",
+        "type": "charge.refunded",
         "created": int(time.time()),
-        "data": {"object": {"id": "ch_1", "object": "charge", "payment_intent": paid_intent,
-                            "amount_refunded": sale.price, "metadata": {}}},
-    }  # fmt: skip
+        "data": {
+            "object": {
+                "id": "ch_1",
+                "object": "charge",
+                "payment_intent": paid_intent,
+                "amount_refunded": sale.price,
+                "metadata": {},
+            }
+        },
+    }
     assert (await deliver(client, refunded)).json()["outcome"] == "refunded"
     assert (await inventory.read_order(redis, sale.id, paid_id))["state"] == "refunded"
     assert await redis.hmget(sale_keys(sale.id).sale, "sold", "withdrawn") == ["0", "1"]
@@ -534,3 +549,71 @@ async def test_charge_refunded_and_intent_canceled_events(
     canceled = intent_event("payment_intent.canceled", await gateway.retrieve_intent(held_intent))
     assert (await deliver(client, canceled)).json()["outcome"] == "failed"
     assert await redis.get(sale_keys(sale.id).stock) == "3"  # bob's unit is back
+
+
+async def test_refund_before_payment_waits_partial_refund_keeps_the_order(
+    client: httpx.AsyncClient,
+    redis: Redis,
+    db: asyncpg.Pool,
+    ledger_sale: SaleFactory,
+    gateway: StripeGateway,
+    sdk: stripe.StripeClient,
+):
+    from engine.webhooks import apply_pending
+
+    sale = await ledger_sale(stock=4)
+    order_id, intent_id = await held_order(redis, gateway, sale.id)
+    await card_pays(sdk, intent_id)
+
+    def charge_event(event_id: str, refunded: bool) -> dict[str, Any]:
+        return {
+            "id": event_id,
+            "object": "event",
+            "type": "charge.refunded",
+            "created": int(time.time()),
+            "data": {
+                "object": {
+                    "id": "ch_1",
+                    "object": "charge",
+                    "payment_intent": intent_id,
+                    "refunded": refunded,
+                    "metadata": {"order_id": order_id},
+                }
+            },
+        }
+
+    partial = await deliver(client, charge_event("evt_partial", refunded=False))
+    assert partial.json()["outcome"] == "partial-refund"
+    # The refund overtook the payment's webhook: it must wait, not be dropped.
+    early = await deliver(client, charge_event("evt_full", refunded=True))
+    assert early.json()["outcome"] == "pending"
+    await deliver(client, await succeeded(gateway, intent_id))
+    assert (await inventory.read_order(redis, sale.id, order_id))["state"] == "paid"
+    assert await apply_pending(db, redis, gateway, older_than_s=0) == 1
+    assert (await inventory.read_order(redis, sale.id, order_id))["state"] == "refunded"
+
+
+async def test_a_stale_failure_does_not_end_a_hold_whose_payment_went_through(
+    client: httpx.AsyncClient,
+    redis: Redis,
+    ledger_sale: SaleFactory,
+    gateway: StripeGateway,
+    sdk: stripe.StripeClient,
+):
+    sale = await ledger_sale(stock=4)
+    _, intent_id = await held_order(redis, gateway, sale.id)
+    intent = await gateway.retrieve_intent(intent_id)
+    old_failure = intent_event("payment_intent.payment_failed", intent, int(time.time()) - 600)
+    await card_pays(sdk, intent_id)  # the retry succeeded; its webhook has not arrived
+    outcome = (await deliver(client, old_failure)).json()["outcome"]
+    assert outcome == "paid"  # Stripe refused to cancel a succeeded intent: it is paid
+    assert await redis.hget(sale_keys(sale.id).sale, "sold") == "1"
+
+
+async def test_non_ascii_signature_is_a_400(client: httpx.AsyncClient):
+    response = await client.post(
+        "/v1/webhooks/stripe",
+        content=b"{}",
+        headers={"Stripe-Signature": "t=1,v1=\xe9".encode("latin-1")},
+    )
+    assert response.status_code == 400 and response.json()["code"] == "invalid-signature"

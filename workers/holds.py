@@ -10,7 +10,7 @@ from engine import inventory
 from engine.keys import sale_keys
 from engine.payments import PaymentGateway
 from engine.scripts import Code
-from workers.payments import expire_or_settle
+from workers.payments import GATEWAY_CONCURRENCY, expire_or_settle
 
 __all__ = ["expire_sale"]
 
@@ -31,6 +31,14 @@ async def expire_sale(
     keys = sale_keys(sale_id)
     holds = keys.holds
     expired = 0
+    # Holds of a flash sale fall due together: a few Stripe calls at a time, not 500.
+    gate = asyncio.Semaphore(GATEWAY_CONCURRENCY)
+
+    async def settle(order_id: str, intent_id: str) -> str:
+        assert gateway is not None
+        async with gate:
+            return await expire_or_settle(redis, gateway, sale_id, order_id, intent_id)
+
     while True:
         due: list[str] = await redis.zrangebyscore(holds, "-inf", now_ms, start=0, num=batch)
         if not due:
@@ -48,9 +56,7 @@ async def expire_sale(
         done = sum(1 for r in results if r.code is Code.OK)
         paid_for = [(oid, pi) for oid, pi in zip(due, intents, strict=True) if pi]
         if paid_for and gateway is not None:
-            states = await asyncio.gather(
-                *(expire_or_settle(redis, gateway, sale_id, oid, pi) for oid, pi in paid_for)
-            )
+            states = await asyncio.gather(*(settle(oid, pi) for oid, pi in paid_for))
             done += sum(1 for state in states if state != "reserved")
         expired += done
         # Nothing expired in a full batch means the rest are not ours to end (already final):

@@ -9,9 +9,9 @@ from redis.asyncio import Redis
 
 from engine import inventory
 from engine.checkout import ensure_intent
-from engine.errors import Unavailable
+from engine.errors import Conflict, Unavailable
 from engine.keys import sale_keys
-from engine.payments import GatewayUnavailable, PaymentGateway
+from engine.payments import GatewayRefused, GatewayUnavailable, PaymentGateway
 from engine.scripts import Code
 
 __all__ = ["create_intents", "pay_refunds"]
@@ -46,6 +46,8 @@ async def create_intents(redis: Redis, gateway: PaymentGateway, sale_id: str) ->
             except Unavailable as exc:
                 log.warning("no intent for %s yet: %s", order_id, exc.detail)
                 return False
+            except Conflict:
+                return False  # the hold ended between the scan and the attach
             return True
 
     return sum(await asyncio.gather(*(one(oid, qty) for oid, qty in todo)))
@@ -62,7 +64,8 @@ async def pay_refunds(redis: Redis, gateway: PaymentGateway, sale_id: str) -> in
             continue
         try:
             refund_id = await gateway.refund(order["pi"], order_id)
-        except GatewayUnavailable as exc:
+        except (GatewayUnavailable, GatewayRefused) as exc:
+            # One order the gateway refuses must not hold up the others behind it.
             log.warning("refund of %s not made yet: %s", order_id, exc)
             continue
         # Killed here? The refund's idempotency key (the order id) makes the retry return the
@@ -81,6 +84,13 @@ async def expire_or_settle(
         intent = await gateway.cancel_intent(intent_id)
     except GatewayUnavailable:
         return "reserved"  # try again next tick; the hold stays until Stripe answers
+    except GatewayRefused as exc:
+        # The gateway does not know the intent (keys switched, test data gone): no money can
+        # arrive through it, so the hold expires like one without an intent.
+        log.warning(
+            "expiring %s: its intent %s is unknown to the gateway: %s", order_id, intent_id, exc
+        )
+        return (await inventory.release(redis, sale_id, order_id, "expired")).state
     if intent.status == "succeeded":
         result = await inventory.confirm(redis, sale_id, order_id, intent_id)
         return result.state

@@ -12,6 +12,8 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from arq import cron
@@ -35,6 +37,16 @@ log = logging.getLogger("flashsale.worker")
 # ticks' jobs rarely overlap, and idle polls are 10 ms apart so the ledger lags by ~10 ms.
 DRAIN_WINDOW_S = 0.9
 IDLE_POLL_S = 0.01
+
+
+@contextmanager
+def _one_sale(job: str, sale_id: str) -> Iterator[None]:
+    """One sale's failure is logged and the job goes on to the next sale; the failed one is
+    retried next tick."""
+    try:
+        yield
+    except Exception:
+        log.exception("%s failed for sale %s; retrying next tick", job, sale_id)
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -81,7 +93,8 @@ async def expire_holds(ctx: dict[str, Any]) -> int:
     """Expire every due hold of every live sale (cancelling its PaymentIntent first)."""
     expired = 0
     for sale_id in await live_sale_ids(ctx["store"]):
-        expired += await expire_sale(ctx["store"], sale_id, gateway=ctx["gateway"])
+        with _one_sale("expiry", sale_id):
+            expired += await expire_sale(ctx["store"], sale_id, gateway=ctx["gateway"])
     if expired:
         log.info("expired %d holds", expired)
     return expired
@@ -91,7 +104,8 @@ async def payment_intents(ctx: dict[str, Any]) -> int:
     """Create a PaymentIntent for every live hold without one."""
     made = 0
     for sale_id in await live_sale_ids(ctx["store"]):
-        made += await create_intents(ctx["store"], ctx["gateway"], sale_id)
+        with _one_sale("payment intents", sale_id):
+            made += await create_intents(ctx["store"], ctx["gateway"], sale_id)
     return made
 
 
@@ -99,23 +113,25 @@ async def refunds(ctx: dict[str, Any]) -> int:
     """Refund at the gateway what is owed (late payments without stock, admin refunds)."""
     done = 0
     for sale_id in await live_sale_ids(ctx["store"]):
-        done += await pay_refunds(ctx["store"], ctx["gateway"], sale_id)
+        with _one_sale("refunds", sale_id):
+            done += await pay_refunds(ctx["store"], ctx["gateway"], sale_id)
     return done
 
 
 async def webhook_retries(ctx: dict[str, Any]) -> int:
     """Apply stored webhook events that arrived before their order could take them."""
-    return await apply_pending(ctx["db"], ctx["store"])
+    return await apply_pending(ctx["db"], ctx["store"], ctx["gateway"])
 
 
 async def reconcile_sales(ctx: dict[str, Any]) -> int:
     """Compare Redis, Postgres and the gateway; log every difference (repairs are manual)."""
     differences = 0
     for sale_id in await live_sale_ids(ctx["store"]):
-        report = await reconcile(ctx["store"], ctx["db"], ctx["gateway"], sale_id)
-        for difference in report.differences:
-            log.warning("reconcile %s: %s", sale_id, difference)
-        differences += len(report.differences)
+        with _one_sale("reconcile", sale_id):
+            report = await reconcile(ctx["store"], ctx["db"], ctx["gateway"], sale_id)
+            for difference in report.differences:
+                log.warning("reconcile %s: %s", sale_id, difference)
+            differences += len(report.differences)
     return differences
 
 
