@@ -180,7 +180,10 @@ async def release(
 ) -> Release:
     """End a live hold as ``state`` (cancelled, expired, failed). Safe to call any number of
     times: stock and the shopper's count come back only on the first that finds it reserved."""
-    reply = await _release(redis, _order_keys(sale_id, order_id), [order_id, state, owner or ""])
+    voids = sale_keys(sale_id).voids
+    reply = await _release(
+        redis, _order_keys(sale_id, order_id, voids), [order_id, state, owner or ""]
+    )
     code = Code(reply[0])
     if code is Code.ORDER_NOT_FOUND:
         raise NotFound("order-not-found", f"there is no order {order_id!r}")

@@ -54,6 +54,11 @@ class SaleKeys:
         """Sorted set: refund_pending order ids, scored by when the refund became owed."""
         return f"{self.tag}:refunds"
 
+    @property
+    def voids(self) -> str:
+        """Sorted set: cancelled orders whose PaymentIntent still has to be cancelled."""
+        return f"{self.tag}:voids"
+
     def order(self, order_id: str) -> str:
         """Hash: one order's live state."""
         return f"{self.tag}:order:{order_id}"

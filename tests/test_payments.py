@@ -33,7 +33,7 @@ from engine.settings import Settings
 from tests.conftest import SaleFactory
 from workers.holds import expire_sale
 from workers.outbox import drain_sale
-from workers.payments import create_intents, pay_refunds
+from workers.payments import create_intents, pay_refunds, void_intents
 
 SECRET = "whsec_flashsale_tests"
 VISA = "4242424242424242"
@@ -617,3 +617,15 @@ async def test_non_ascii_signature_is_a_400(client: httpx.AsyncClient):
         headers={"Stripe-Signature": "t=1,v1=\xe9".encode("latin-1")},
     )
     assert response.status_code == 400 and response.json()["code"] == "invalid-signature"
+
+
+async def test_cancelled_orders_intents_are_cancelled_at_stripe(
+    redis: Redis, ledger_sale: SaleFactory, gateway: StripeGateway
+):
+    sale = await ledger_sale(stock=4)
+    order_id, intent_id = await held_order(redis, gateway, sale.id)
+    await inventory.release(redis, sale.id, order_id, "cancelled", "alice")
+    assert await redis.zrange(sale_keys(sale.id).voids, 0, -1) == [order_id]
+    assert await void_intents(redis, gateway, sale.id) == 1
+    assert (await gateway.retrieve_intent(intent_id)).status == "canceled"
+    assert await void_intents(redis, gateway, sale.id) == 0

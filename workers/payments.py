@@ -14,7 +14,7 @@ from engine.keys import sale_keys
 from engine.payments import GatewayRefused, GatewayUnavailable, PaymentGateway
 from engine.scripts import Code
 
-__all__ = ["create_intents", "pay_refunds"]
+__all__ = ["create_intents", "expire_or_settle", "pay_refunds", "void_intents"]
 
 log = logging.getLogger("flashsale.payments")
 
@@ -73,6 +73,29 @@ async def pay_refunds(redis: Redis, gateway: PaymentGateway, sale_id: str) -> in
         result = await inventory.refund(redis, sale_id, order_id, "complete", refund_id=refund_id)
         done += result.code is Code.OK
     return done
+
+
+async def void_intents(redis: Redis, gateway: PaymentGateway, sale_id: str) -> int:
+    """Cancel at the gateway the intents of orders the shopper cancelled, so nobody pays for a
+    hold that is gone (a payment that still slips through takes confirm's late path)."""
+    keys = sale_keys(sale_id)
+    voided = 0
+    for order_id in await redis.zrange(keys.voids, 0, 99):
+        intent_id = await redis.hget(keys.order(order_id), "pi")
+        if intent_id:
+            try:
+                intent = await gateway.cancel_intent(intent_id)
+            except GatewayUnavailable:
+                continue  # next tick
+            except GatewayRefused:
+                pass  # unknown to the gateway: nothing can be paid through it
+            else:
+                if intent.status == "succeeded":
+                    # Paid just before the cancel: confirm re-reserves or owes a refund.
+                    await inventory.confirm(redis, sale_id, order_id, intent_id)
+        await redis.zrem(keys.voids, order_id)
+        voided += 1
+    return voided
 
 
 async def expire_or_settle(

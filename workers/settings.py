@@ -27,7 +27,7 @@ from engine.settings import Settings
 from engine.webhooks import apply_pending
 from workers.holds import expire_sale
 from workers.outbox import drain_sale
-from workers.payments import create_intents, pay_refunds
+from workers.payments import create_intents, pay_refunds, void_intents
 
 __all__ = ["WorkerSettings"]
 
@@ -110,11 +110,13 @@ async def payment_intents(ctx: dict[str, Any]) -> int:
 
 
 async def refunds(ctx: dict[str, Any]) -> int:
-    """Refund at the gateway what is owed (late payments without stock, admin refunds)."""
+    """Refund at the gateway what is owed (late payments without stock, admin refunds), and
+    cancel the intents of cancelled orders."""
     done = 0
     for sale_id in await live_sale_ids(ctx["store"]):
         with _one_sale("refunds", sale_id):
             done += await pay_refunds(ctx["store"], ctx["gateway"], sale_id)
+            done += await void_intents(ctx["store"], ctx["gateway"], sale_id)
     return done
 
 

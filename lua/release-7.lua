@@ -3,7 +3,8 @@
   count exactly once, whatever number of times and in whatever order the callers arrive.
 
   KEYS[1] sale hash   KEYS[2] stock   KEYS[3] users   KEYS[4] holds   KEYS[5] outbox
-  KEYS[6] order hash
+  KEYS[6] order hash  KEYS[7] voids (zset: cancelled orders whose PaymentIntent a worker must
+                               cancel at the gateway, so the shopper cannot still pay it)
 
   ARGV[1] order id
   ARGV[2] new state: 'cancelled' | 'expired' | 'failed'
@@ -25,7 +26,7 @@ if target ~= 'cancelled' and target ~= 'expired' and target ~= 'failed' then
   return {-13}
 end
 
-local order = rcall('HMGET', KEYS[6], 'user', 'qty', 'state', 'expires_ms', 'version')
+local order = rcall('HMGET', KEYS[6], 'user', 'qty', 'state', 'expires_ms', 'version', 'pi')
 if not order[1] or (ARGV[3] ~= '' and order[1] ~= ARGV[3]) then
   return {-11}
 end
@@ -47,6 +48,9 @@ end
 rcall('HINCRBY', KEYS[1], 'held', -qty)
 rcall('HSET', KEYS[6], 'state', target, 'version', version, 'updated_ms', now)
 rcall('ZREM', KEYS[4], ARGV[1])
+if target == 'cancelled' and order[6] and order[6] ~= '' then
+  rcall('ZADD', KEYS[7], now, ARGV[1])
+end
 -- The whole order, payment fields included, so the ledger's payments row follows too.
 emit(KEYS[5], KEYS[6], now)
 return {1, target, version}
