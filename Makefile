@@ -7,10 +7,16 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install services-up services-down clean
+.PHONY: demo test bench lint install services-up services-down clean
 
 demo: $(STAMP)
 	$(BIN)/python -m engine.cli demo
+
+# The benchmark: engine vs a bare-Starlette ceiling vs a Postgres baseline, report in
+# bench-report/ (flashsale bench apt-gets Debian's wrk when it is missing).
+bench: $(STAMP)
+	$(BIN)/python -m engine.localservices install
+	$(BIN)/python -m engine.cli bench --out bench-report
 
 test: $(STAMP)
 	$(BIN)/python -m engine.localservices install

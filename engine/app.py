@@ -1,8 +1,9 @@
 """The HTTP front door: each shopper action is one Lua call in Redis, nothing else.
 
-The order path (``POST /v1/sales/{id}/orders``) makes exactly one Redis round trip and never
-touches Postgres: the token is verified locally (and cached), the body is parsed with orjson,
-and ``inventory.reserve`` runs one EVALSHA on a pooled connection.
+The order path (``POST /v1/sales/{id}/orders``, ``engine.orderpath``) makes exactly one Redis
+round trip and never touches Postgres: the token is verified locally (and cached), the body is
+parsed with orjson, and ``inventory.reserve`` runs one EVALSHA on the process's pipelined Redis
+connection. It is answered before Starlette's middleware; every other route goes through it.
 """
 
 from __future__ import annotations
@@ -28,19 +29,17 @@ from engine import checkout, inventory, webhooks
 from engine.auth import TokenVerifier
 from engine.db import connect_redis
 from engine.errors import (
-    BadRequest,
     Conflict,
     NotFound,
     PayloadTooLarge,
     ProblemError,
     Unauthorized,
     Unavailable,
-    Unprocessable,
-    UnsupportedMediaType,
     problem_response,
 )
-from engine.ids import is_idempotency_key, is_sale_id, sale_of_order
+from engine.ids import is_sale_id, sale_of_order
 from engine.openapi import openapi_document
+from engine.orderpath import FrontDoor, OrderRoute
 from engine.payments import make_gateway
 from engine.scripts import Code, load_scripts
 from engine.settings import Settings
@@ -48,10 +47,6 @@ from engine.settings import Settings
 __all__ = ["create_app"]
 
 log = logging.getLogger("flashsale.app")
-
-# A shopper cannot sensibly want more in one order; anything above is a typo or an attack, and
-# the sale's own per-order maximum (checked in Lua) is usually far lower.
-MAX_QUANTITY = 10_000
 
 
 class JSONResponse(Response):
@@ -77,43 +72,10 @@ def _order_body(order: dict[str, str], sale_id: str) -> dict[str, Any]:
     }
 
 
-async def _read_json(request: Request, limit: int) -> Any:
-    content_type = request.headers.get("content-type", "application/json")
-    if not content_type.split(";", 1)[0].strip().endswith("json"):
-        raise UnsupportedMediaType("unsupported-media-type", "send the body as application/json")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge("body-too-large", f"the body may be at most {limit} bytes")
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge("body-too-large", f"the body may be at most {limit} bytes")
-    try:
-        return orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise Unprocessable("invalid-body", "the body is not valid JSON") from None
-
-
-def _quantity(body: Any) -> int:
-    if not isinstance(body, dict):
-        raise Unprocessable("invalid-body", 'the body must be a JSON object like {"quantity": 1}')
-    unknown = set(body) - {"quantity"}
-    if unknown:
-        raise Unprocessable("invalid-body", f"unknown fields: {', '.join(sorted(unknown))}")
-    quantity = body.get("quantity")
-    # bool is an int in Python; true must not buy one unit.
-    if type(quantity) is not int or not 1 <= quantity <= MAX_QUANTITY:
-        raise Unprocessable(
-            "invalid-quantity", f"quantity must be an integer from 1 to {MAX_QUANTITY}"
-        )
-    return quantity
-
-
 def create_app(settings: Settings, redis: Redis | None = None) -> Starlette:
     verifier = TokenVerifier(settings)
+    order_route = OrderRoute(settings, verifier)
     state: dict[str, Any] = {}
-    max_body = settings.max_body_bytes
     webhook_secret = settings.webhook_secret or ""
 
     @asynccontextmanager
@@ -127,6 +89,7 @@ def create_app(settings: Settings, redis: Redis | None = None) -> Starlette:
         try:
             yield
         finally:
+            await order_route.aclose()
             await state["gateway"].aclose()
             await state["db"].close()
             if redis is None:
@@ -164,33 +127,6 @@ def create_app(settings: Settings, redis: Redis | None = None) -> Starlette:
                 "hold_seconds": int(sale["hold_ms"]) // 1000,
                 "units_left": int(sale["stock"]),
             }
-        )
-
-    async def place_order(request: Request) -> Response:
-        user = verifier.user_of(request.headers.get("authorization"))
-        key = request.headers.get("idempotency-key")
-        if key is None:
-            raise BadRequest("missing-idempotency-key", "an Idempotency-Key header is required")
-        if not is_idempotency_key(key):
-            raise BadRequest(
-                "invalid-idempotency-key",
-                "the Idempotency-Key must be 1-128 of A-Z, a-z, 0-9, '_', '.', ':' and '-'",
-            )
-        quantity = _quantity(await _read_json(request, max_body))
-        sale_id = _sale_id(request)
-        hold = await inventory.reserve(state["redis"], sale_id, user, quantity, key)
-        return JSONResponse(
-            {
-                "id": hold.order_id,
-                "sale_id": sale_id,
-                "quantity": hold.quantity,
-                "state": "reserved",
-                "version": 1,
-                "created_at": _iso(hold.created_ms),
-                "hold_expires_at": _iso(hold.expires_ms),
-            },
-            status_code=201,
-            headers={"Idempotent-Replayed": "true"} if hold.replayed else None,
         )
 
     async def get_order(request: Request) -> Response:
@@ -294,7 +230,6 @@ def create_app(settings: Settings, redis: Redis | None = None) -> Starlette:
 
     routes = [
         Route("/v1/sales/{sale_id}", get_sale, methods=["GET"]),
-        Route("/v1/sales/{sale_id}/orders", place_order, methods=["POST"]),
         Route("/v1/orders/{order_id}", get_order, methods=["GET"]),
         Route("/v1/orders/{order_id}/cancel", cancel_order, methods=["POST"]),
         Route("/v1/orders/{order_id}/pay", pay_order, methods=["POST"]),
@@ -304,7 +239,9 @@ def create_app(settings: Settings, redis: Redis | None = None) -> Starlette:
         Route("/ready", ready, methods=["GET"]),
         Route("/openapi.json", openapi, methods=["GET"]),
     ]
-    return Starlette(
+    # POST /v1/sales/{sale_id}/orders is answered by order_route, in front of all this.
+    return FrontDoor(
+        order_route,
         routes=routes,
         lifespan=lifespan,
         exception_handlers={

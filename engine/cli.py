@@ -84,10 +84,24 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from workers.settings import WorkerSettings
 
     settings = _settings()
+    overrides: dict[str, Any] = {}
+    if args.jobs:
+        wanted = set(args.jobs.split(","))
+        known = {job.name.removeprefix("cron:") for job in WorkerSettings.cron_jobs}
+        if wanted - known:
+            print(
+                f"flashsale: unknown jobs {sorted(wanted - known)}; known: {sorted(known)}",
+                file=sys.stderr,
+            )
+            return 2
+        # A dedicated drain worker (the bench runs one) leaves gateway calls to other workers.
+        jobs = [job for job in WorkerSettings.cron_jobs if job.name.removeprefix("cron:") in wanted]
+        overrides["cron_jobs"] = jobs
     run_worker(
         WorkerSettings,  # type: ignore[arg-type]
         redis_settings=RedisSettings.from_dsn(settings.redis_url),
         burst=args.burst,
+        **overrides,
     )
     return 0
 
@@ -163,11 +177,11 @@ def cmd_sale_show(args: argparse.Namespace) -> int:
         "ends_at",
     ):
         if name in definition:
-            print(f"{name:>16}: {definition[name]}")
+            print(f"{name:>20}: {definition[name]}")
     for name, value in report.get("live", {}).items():
-        print(f"{'live ' + name:>16}: {value}")
+        print(f"{'live ' + name:>20}: {value}")
     ledger = ", ".join(f"{k} {v}" for k, v in sorted(report["ledger_orders"].items()))
-    print(f"{'ledger orders':>16}: {ledger or 'none'}")
+    print(f"{'ledger orders':>20}: {ledger or 'none'}")
     return 0
 
 
@@ -264,6 +278,28 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from engine.bench import BenchOptions, run_bench
+
+    return run_bench(
+        BenchOptions(
+            dir=Path(args.dir),
+            out=Path(args.out),
+            connections=args.connections,
+            threads=args.threads,
+            duration_s=args.duration,
+            stock=args.stock,
+            shoppers=args.shoppers,
+            limit=args.limit,
+            server_workers=args.server_workers,
+            appendfsync=args.appendfsync,
+            drain_orders=args.drain_orders,
+            profile_s=args.profile,
+            smoke=args.smoke,
+        )
+    )
+
+
 def _positive(value: str) -> int:
     number = int(value)
     if number < 1:
@@ -300,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     worker = sub.add_parser("worker", help="run an arq worker: drain outboxes, expire holds")
     worker.add_argument("--burst", action="store_true", help="run the due jobs once and exit")
+    worker.add_argument(
+        "--jobs",
+        help="comma-separated cron jobs to run (default all), e.g. drain_outboxes,expire_holds",
+    )
     worker.set_defaults(func=cmd_worker)
 
     migrate = sub.add_parser("migrate", help="apply pending Postgres migrations (idempotent)")
@@ -403,6 +443,58 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--limit", type=_positive, default=2)
     demo.add_argument("--concurrency", type=_positive, default=200)
     demo.set_defaults(func=cmd_demo)
+
+    bench = sub.add_parser(
+        "bench",
+        help="benchmark placing orders against a bare-Starlette ceiling and a Postgres baseline",
+        description="Start Redis and Postgres in --dir (which the bench owns: it empties them), "
+        "then drive, one after the other and with wrk, a ceiling (bare Starlette endpoint: "
+        "token and body only), the engine while stock lasts, the engine after sell-out, and a "
+        "naive Postgres baseline; time the ledger and the outbox drain; check every invariant. "
+        "Writes report.json, report.md and throughput.png to --out and prints a summary. Exit "
+        "status 1 when an invariant is violated (timing targets are reported, never enforced).",
+    )
+    bench.add_argument("--dir", default=".flashsale/bench", help="where servers keep their data")
+    bench.add_argument("--out", default="bench-report", help="report folder (default %(default)s)")
+    bench.add_argument("--connections", type=_positive, default=64, help="wrk connections")
+    bench.add_argument("--threads", type=_positive, default=2, help="wrk threads (default 2)")
+    bench.add_argument("--duration", type=_positive, default=10, help="seconds per phase")
+    bench.add_argument(
+        "--stock",
+        type=_positive,
+        help="units of the while-stock-lasts sale (default: 30,000 x duration, more than any "
+        "server here can sell in the phase)",
+    )
+    bench.add_argument("--shoppers", type=_positive, default=10_000, help="distinct tokens")
+    bench.add_argument(
+        "--limit", type=_positive, help="units per shopper (default: more than stock / shoppers)"
+    )
+    bench.add_argument("--server-workers", type=_positive, default=1, help="uvicorn processes")
+    bench.add_argument(
+        "--appendfsync",
+        default="everysec",
+        choices=["always", "everysec", "no"],
+        help="Redis AOF durability mode (default %(default)s)",
+    )
+    bench.add_argument(
+        "--drain-orders",
+        type=_positive,
+        default=50_000,
+        help="orders piled up for the drain measurement",
+    )
+    bench.add_argument(
+        "--profile",
+        type=int,
+        default=5,
+        metavar="SECONDS",
+        help="py-spy the server this long under load (0: skip)",
+    )
+    bench.add_argument(
+        "--smoke",
+        action="store_true",
+        help="a few seconds per phase: checks the machinery, not the speed",
+    )
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

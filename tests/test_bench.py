@@ -1,0 +1,74 @@
+"""``flashsale bench --smoke``: the whole benchmark, a couple of seconds per phase.
+
+It checks the machinery and the report, and that no run oversells or loses an order; the timing
+targets are read off a full run's report, never asserted here (STYLE.md, rule 10).
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+from tests.conftest import ROOT
+
+PHASES = ("ceiling", "engine", "sold_out", "baseline")
+RATIOS = (
+    "engine_to_ceiling",
+    "soldout_to_ceiling",
+    "engine_to_baseline",
+    "engine_p99_to_ceiling_p99",
+    "engine_p99_to_baseline_p99",
+)
+
+
+@pytest.mark.slow
+def test_bench_smoke_writes_a_complete_report(tmp_path: Path):
+    out = tmp_path / "report"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine.cli",
+            "bench",
+            "--smoke",
+            "--out",
+            str(out),
+            "--dir",
+            str(ROOT / ".flashsale" / "test-bench"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    print(result.stdout[-5000:], result.stderr[-5000:])
+    assert result.returncode == 0
+    assert result.stdout.rstrip().endswith("invariants: ok")
+
+    report = orjson.loads((out / "report.json").read_bytes())
+    assert report["invariants"]["ok"] is True and report["invariants"]["violations"] == []
+    for name, sale in report["invariants"]["sales"].items():
+        assert sale["ok"], name
+        assert sale["orders_in_redis"] == sale["orders_in_ledger"] > 0, name
+        assert sale["available"] + sale["held"] + sale["sold"] == sale["initial"], name
+    for ratio in RATIOS:
+        assert math.isfinite(report["ratios"][ratio]) and report["ratios"][ratio] > 0, ratio
+    persistence = report["persistence"]
+    assert persistence["ledger_complete_s"] >= 0 and persistence["drain_orders_per_s"] > 0
+    for name in PHASES:
+        phase = report["phases"][name]
+        assert phase["requests"] > 0 and phase["throughput_rps"] > 0, name
+        latency = phase["latency_ms"]
+        assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"] <= latency["max"], name
+        assert phase["slices"] and phase["socket_errors"] == 0, name
+    # While stock lasts every answer is a 201; after sell-out every answer is a refusal.
+    assert report["phases"]["engine"]["non_2xx"] == 0
+    assert report["phases"]["sold_out"]["non_2xx"] == report["phases"]["sold_out"]["requests"]
+
+    assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (out / "report.md").read_text()
+    assert "| ceiling (Starlette, no store) |" in markdown and "Invariants: **ok**" in markdown
