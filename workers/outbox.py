@@ -60,17 +60,44 @@ async def _read(redis: Redis, outbox: str, consumer: str, start: str, count: int
 
 
 async def drain_sale(
-    redis: Redis, db: asyncpg.Pool, sale_id: str, consumer: str, batch: int, claim_idle_ms: int
+    redis: Redis,
+    db: asyncpg.Pool,
+    sale_id: str,
+    consumer: str,
+    batch: int,
+    claim_idle_ms: int,
+    recover: bool = True,
 ) -> int:
-    """One pass over a sale's outbox: my own pending entries, then entries a dead worker left
-    pending, then new ones. Returns the number of changes written."""
+    """One pass over a sale's outbox: with ``recover``, my own pending entries and then those a
+    dead worker left pending; then new ones. Returns the number of changes written."""
     outbox = sale_keys(sale_id).outbox
     written = 0
-    # 1. Entries this consumer read before but did not acknowledge (the last write failed).
+    if recover:
+        written += await _recover(redis, db, sale_id, outbox, consumer, batch, claim_idle_ms)
+    # New entries, batch by batch until the stream is empty.
+    while True:
+        entries = await _read(redis, outbox, consumer, ">", batch)
+        written += await _write_and_ack(redis, db, sale_id, entries)
+        if len(entries) < batch:
+            return written
+
+
+async def _recover(
+    redis: Redis,
+    db: asyncpg.Pool,
+    sale_id: str,
+    outbox: str,
+    consumer: str,
+    batch: int,
+    claim_idle_ms: int,
+) -> int:
+    """Entries read but never acknowledged: mine (my last write failed), then a dead worker's."""
+    written = 0
+    # Entries this consumer read before but did not acknowledge (the last write failed).
     written += await _write_and_ack(
         redis, db, sale_id, await _read(redis, outbox, consumer, "0", batch)
     )
-    # 2. Entries another consumer has held longer than any healthy batch takes: it died.
+    # Entries another consumer has held longer than any healthy batch takes: it died.
     cursor = "0-0"
     while True:
         try:
@@ -85,15 +112,9 @@ async def drain_sale(
         except ResponseError as exc:
             if "NOGROUP" not in str(exc):
                 raise
-            break
+            return written
         if claimed:
             log.info("claimed %d outbox entries of %s from a dead worker", len(claimed), sale_id)
             written += await _write_and_ack(redis, db, sale_id, [(i, f) for i, f in claimed])
         if cursor == "0-0":
-            break
-    # 3. New entries, batch by batch until the stream is empty.
-    while True:
-        entries = await _read(redis, outbox, consumer, ">", batch)
-        written += await _write_and_ack(redis, db, sale_id, entries)
-        if len(entries) < batch:
             return written

@@ -71,6 +71,7 @@ async def drain_outboxes(ctx: dict[str, Any]) -> int:
     settings: Settings = ctx["settings"]
     deadline = time.monotonic() + DRAIN_WINDOW_S
     written = 0
+    first = True
     while True:
         this_pass = 0
         for sale_id in await live_sale_ids(ctx["store"]):
@@ -81,7 +82,11 @@ async def drain_outboxes(ctx: dict[str, Any]) -> int:
                 ctx["consumer"],
                 settings.drain_batch,
                 settings.claim_idle_ms,
+                # Pending and dead workers' entries once a job (a second), not every 10 ms
+                # poll: a failed write ends the job, so the next one picks its entries up.
+                recover=first,
             )
+        first = False
         written += this_pass
         if time.monotonic() >= deadline:
             return written
