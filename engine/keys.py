@@ -9,7 +9,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["LIVE_SALES", "OUTBOX_GROUP", "SaleKeys", "mock_idempotency", "mock_intent", "sale_keys"]
+__all__ = [
+    "LIVE_SALES",
+    "OUTBOX_GROUP",
+    "SaleKeys",
+    "mock_events",
+    "mock_idempotency",
+    "mock_intent",
+    "sale_keys",
+]
 
 # Set of sale ids the workers drain and expire. Deliberately outside any sale's slot: only the
 # CLI and workers touch it, never a script.
@@ -71,6 +79,11 @@ class SaleKeys:
 def mock_intent(intent_id: str) -> str:
     """Hash: a payment intent of the offline mock gateway (shared by API and workers)."""
     return f"fs:mock-gateway:pi:{intent_id}"
+
+
+def mock_events() -> str:
+    """List: the mock gateway's events, newest first (Stripe's event log, for reconcile)."""
+    return "fs:mock-gateway:events"
 
 
 def mock_idempotency(key: str) -> str:

@@ -180,11 +180,13 @@ def run_slice(phase: Phase, path: str, tokens: Path, seconds: int, timeout_s: in
         requests=raw["requests"],
         duration_s=raw["duration_us"] / 1e6,
         non2xx=raw["non2xx"],
-        socket_errors=raw["connect_errors"] + raw["read_errors"] + raw["write_errors"]
+        socket_errors=raw["connect_errors"]
+        + raw["read_errors"]
+        + raw["write_errors"]
         + raw["timeouts"],
         max_us=raw["max_us"],
         quantiles_us=[(float(p), int(v)) for p, v in raw["quantiles_us"]],
-    )  # fmt: skip
+    )
     phase.slices.append(slice_)
     return slice_
 

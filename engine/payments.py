@@ -16,7 +16,7 @@ import orjson
 import stripe
 from redis.asyncio import Redis
 
-from engine.keys import mock_idempotency, mock_intent
+from engine.keys import mock_events, mock_idempotency, mock_intent
 from engine.settings import Settings
 
 __all__ = [
@@ -70,6 +70,11 @@ class PaymentGateway(Protocol):
         """Refund the whole payment (idempotent per order); returns the refund id."""
         ...
 
+    async def recent_events(self, since: int) -> list[dict[str, Any]]:
+        """Events created since ``since`` (unix seconds), newest first: what reconciliation
+        compares with the webhooks that actually arrived."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -99,6 +104,20 @@ class StripeGateway:
 
     async def aclose(self) -> None:
         await self._http.close_async()  # type: ignore[no-untyped-call]
+
+    async def recent_events(self, since: int) -> list[dict[str, Any]]:
+        events: list[dict[str, Any]] = []
+        params: dict[str, Any] = {"created": {"gte": since}, "limit": 100}
+        try:
+            # Pages of 100, newest first; a flash sale's events fit in a handful of pages.
+            while True:
+                page = await self._client.v1.events.list_async(params)  # type: ignore[arg-type]
+                events += [event.to_dict() for event in page.data]
+                if not page.has_more or not page.data:
+                    return events
+                params["starting_after"] = page.data[-1].id
+        except (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError) as exc:
+            raise GatewayUnavailable(str(exc)) from exc
 
     async def create_intent(
         self, order_id: str, sale_id: str, amount: int, currency: str
@@ -162,6 +181,11 @@ class MockGateway:
     async def aclose(self) -> None:
         """Nothing to close: the Redis client belongs to the caller."""
 
+    async def recent_events(self, since: int) -> list[dict[str, Any]]:
+        raw = await self._redis.lrange(mock_events(), 0, -1)
+        events = [orjson.loads(item) for item in raw]
+        return [event for event in events if event["created"] >= since]
+
     async def _read(self, intent_id: str) -> Intent:
         fields = await self._redis.hgetall(mock_intent(intent_id))
         if not fields:
@@ -218,7 +242,11 @@ class MockGateway:
         await self._redis.hset(mock_intent(intent_id), "status", status)
         intent = await self._read(intent_id)
         kind = "payment_intent.succeeded" if succeeded else "payment_intent.payment_failed"
-        return intent_event(kind, intent)
+        event = intent_event(kind, intent)
+        # Kept like Stripe keeps its events, so reconciliation can find a lost webhook.
+        await self._redis.lpush(mock_events(), orjson.dumps(event))
+        await self._redis.ltrim(mock_events(), 0, 9_999)
+        return event
 
 
 def intent_event(kind: str, intent: Intent, created: int | None = None) -> dict[str, Any]:

@@ -11,11 +11,15 @@ Each difference has a kind, the order, what was seen, and what ``--repair`` does
 | paid-at-gateway-not-here  | confirm: paid, re-reserved, or refund_pending               |
 | paid-here-not-at-gateway  | none (manual): never release a sale on a gateway's word     |
 | refund-owed               | refund at the gateway, then mark refunded                   |
+| missed-webhook            | receive the event now, as if Stripe had delivered it        |
+
+Stripe's recent events (three days: its retry window) are compared with ``webhook_events``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -25,6 +29,7 @@ from engine import inventory
 from engine.invariants import outbox_backlog, redis_orders
 from engine.ledger import OrderChange, write_changes
 from engine.payments import Intent, PaymentGateway
+from engine.webhooks import HANDLED, receive
 
 __all__ = ["Difference", "ReconcileReport", "reconcile"]
 
@@ -94,6 +99,31 @@ async def reconcile(
         async with gate:
             return await gateway.retrieve_intent(intent_id)
 
+    # Events the gateway sent about this sale's orders that never reached the receiver.
+    events = [
+        e
+        for e in await gateway.recent_events(int(time.time()) - 3 * 86_400)
+        if e.get("type") in HANDLED
+        and str((e["data"]["object"].get("metadata") or {}).get("order_id", "")).startswith(
+            sale_id + "."
+        )
+    ]
+    arrived = {
+        r["id"]
+        for r in await db.fetch(
+            "SELECT id FROM webhook_events WHERE id = any($1::text[])", [e["id"] for e in events]
+        )
+    }
+    for event in events:
+        if event["id"] in arrived:
+            continue
+        order_id = event["data"]["object"]["metadata"]["order_id"]
+        found(Difference("missed-webhook", order_id, f"{event['type']} {event['id']}"))
+        if repair:
+            outcome = await receive(db, redis, gateway, event)
+            report.repaired.append(f"{order_id}: received {event['id']} late: {outcome}")
+
+    orders = await redis_orders(redis, sale_id) if repair and events else orders
     with_intent = [(oid, o) for oid, o in orders.items() if o.get("pi")]
     intents = await asyncio.gather(*(look_up(o["pi"]) for _, o in with_intent))
     for (order_id, order), intent in zip(with_intent, intents, strict=True):

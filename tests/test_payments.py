@@ -629,3 +629,24 @@ async def test_cancelled_orders_intents_are_cancelled_at_stripe(
     assert await void_intents(redis, gateway, sale.id) == 1
     assert (await gateway.retrieve_intent(intent_id)).status == "canceled"
     assert await void_intents(redis, gateway, sale.id) == 0
+
+
+async def test_reconcile_finds_and_repairs_a_missed_webhook(
+    redis: Redis,
+    db: asyncpg.Pool,
+    ledger_sale: SaleFactory,
+    gateway: StripeGateway,
+    sdk: stripe.StripeClient,
+):
+    sale = await ledger_sale(stock=3)
+    order_id, intent_id = await held_order(redis, gateway, sale.id)
+    await card_pays(sdk, intent_id)  # Stripe has the event; it never reached us
+    await drain_sale(redis, db, sale.id, "c", batch=100, claim_idle_ms=60_000)
+    report = await reconcile(redis, db, gateway, sale.id)
+    kinds = sorted(d.kind for d in report.differences)
+    assert kinds == ["missed-webhook", "paid-at-gateway-not-here"]
+    repaired = await reconcile(redis, db, gateway, sale.id, repair=True)
+    assert any("received" in line for line in repaired.repaired)
+    assert (await inventory.read_order(redis, sale.id, order_id))["state"] == "paid"
+    await drain_sale(redis, db, sale.id, "c", batch=100, claim_idle_ms=60_000)
+    assert (await reconcile(redis, db, gateway, sale.id)).differences == []
