@@ -8,7 +8,6 @@ so writing here must be idempotent: each order row keeps the highest version see
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import asyncpg
 
@@ -56,11 +55,17 @@ class OrderChange:
 # whose WHERE keeps a newer version from ever being overwritten by an older one.
 _WRITE = """
 WITH incoming AS (
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::text[],
-                         $6::bigint[], $7::text[], $8::timestamptz[], $9::timestamptz[],
-                         $10::timestamptz[], $11::text[], $12::bigint[], $13::text[])
+    -- Times travel as epoch milliseconds: building three datetimes per entry in Python was
+    -- ~10 % of the drain's CPU (cProfile, 30,000 entries).
+    SELECT id, sale_id, user_id, quantity, state, version, idempotency_key,
+           to_timestamp(created_ms / 1000.0) AS created_at,
+           to_timestamp(expires_ms / 1000.0) AS expires_at,
+           to_timestamp(at_ms / 1000.0) AS at, intent_id, amount, currency
+    FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::text[], $6::bigint[],
+                $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::text[],
+                $12::bigint[], $13::text[])
         AS t(id, sale_id, user_id, quantity, state, version, idempotency_key,
-             created_at, expires_at, at, intent_id, amount, currency)
+             created_ms, expires_ms, at_ms, intent_id, amount, currency)
 ), events AS (
     INSERT INTO order_events (order_id, version, state, at)
     SELECT id, version, state, at FROM incoming
@@ -89,10 +94,6 @@ ON CONFLICT (id) DO UPDATE
 """
 
 
-def _ts(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000, tz=UTC)
-
-
 async def write_changes(
     conn: asyncpg.Connection | asyncpg.Pool, changes: list[OrderChange]
 ) -> None:
@@ -107,9 +108,9 @@ async def write_changes(
         [c.state for c in changes],
         [c.version for c in changes],
         [c.idempotency_key for c in changes],
-        [_ts(c.created_ms) for c in changes],
-        [_ts(c.expires_ms) for c in changes],
-        [_ts(c.at_ms) for c in changes],
+        [c.created_ms for c in changes],
+        [c.expires_ms for c in changes],
+        [c.at_ms for c in changes],
         [c.intent_id for c in changes],
         [c.amount for c in changes],
         [c.currency for c in changes],

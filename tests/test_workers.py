@@ -19,6 +19,7 @@ from engine.errors import Conflict
 from engine.invariants import audit_sale, outbox_backlog, wait_for_ledger
 from engine.keys import OUTBOX_GROUP, sale_keys
 from engine.ledger import OrderChange, write_changes
+from engine.scripts import SCRIPTS
 from engine.settings import Settings
 from tests.conftest import SaleFactory
 from workers.holds import expire_sale
@@ -172,3 +173,22 @@ async def test_sigkill_mid_drain_loses_and_duplicates_nothing(
         "(SELECT count(DISTINCT version) FROM order_events e WHERE e.order_id = o.id)"
     )
     assert gaps == 0
+
+
+async def test_ack_script_contract_and_reload(redis: Redis, redis_sale: SaleFactory):
+    """ack-1: acknowledges and deletes exactly the ids given (more than one unpack slice),
+    leaves the rest pending, and reloads itself after SCRIPT FLUSH."""
+    sale = await redis_sale(stock=2000, per_user_limit=1, per_order_max=2)
+    outbox = sale_keys(sale.id).outbox
+    await flood(redis, sale.id, 1200, 1200)
+    reply = await redis.xreadgroup(OUTBOX_GROUP, "c", {outbox: ">"}, count=1200)
+    ids = [entry_id for entry_id, _ in reply[0][1]]
+    assert len(ids) == 600  # 1 + i % 2 units, limit 1: every other call is refused
+    await redis.script_flush()
+    done = await SCRIPTS["ack"](redis, [outbox], [OUTBOX_GROUP, ",".join(ids[:550])])
+    assert done == [1, 550]
+    assert await redis.xlen(outbox) == 50
+    pending = await redis.xpending(outbox, OUTBOX_GROUP)
+    assert pending["pending"] == 50
+    again = await SCRIPTS["ack"](redis, [outbox], [OUTBOX_GROUP, ",".join(ids[:550])])
+    assert again == [1, 0]  # acknowledging twice changes nothing

@@ -18,12 +18,15 @@ from redis.exceptions import ResponseError
 
 from engine.keys import OUTBOX_GROUP, sale_keys
 from engine.ledger import OrderChange, write_changes
+from engine.scripts import SCRIPTS
 
 __all__ = ["drain_sale"]
 
 log = logging.getLogger("flashsale.outbox")
 
 Entry = tuple[str, dict[str, str]]
+
+_ack = SCRIPTS["ack"]
 
 
 async def _write_and_ack(redis: Redis, db: asyncpg.Pool, sale_id: str, entries: list[Entry]) -> int:
@@ -35,12 +38,7 @@ async def _write_and_ack(redis: Redis, db: asyncpg.Pool, sale_id: str, entries: 
     # Only now, after the commit: if we die before this line, the entries stay pending and are
     # written again by whoever claims them.
     outbox = sale_keys(sale_id).outbox
-    ids = [entry_id for entry_id, _ in entries]
-    # One MULTI: an acknowledged entry is never left in the stream, so XLEN is the backlog.
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.xack(outbox, OUTBOX_GROUP, *ids)
-        pipe.xdel(outbox, *ids)
-        await pipe.execute()
+    await _ack(redis, [outbox], [OUTBOX_GROUP, ",".join(entry_id for entry_id, _ in entries)])
     return len(changes)
 
 
