@@ -12,7 +12,6 @@ import hmac
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -39,7 +38,7 @@ from engine.errors import (
 )
 from engine.ids import is_sale_id, sale_of_order
 from engine.openapi import openapi_document
-from engine.orderpath import FrontDoor, OrderRoute
+from engine.orderpath import FrontDoor, OrderRoute, iso_ms, order_body
 from engine.payments import make_gateway
 from engine.scripts import Code, load_scripts
 from engine.settings import Settings
@@ -56,20 +55,16 @@ class JSONResponse(Response):
         return orjson.dumps(content)
 
 
-def _iso(ms: int | str) -> str:
-    return datetime.fromtimestamp(int(ms) / 1000, tz=UTC).isoformat(timespec="milliseconds")
-
-
 def _order_body(order: dict[str, str], sale_id: str) -> dict[str, Any]:
-    return {
-        "id": order["id"],
-        "sale_id": sale_id,
-        "quantity": int(order["qty"]),
-        "state": order["state"],
-        "version": int(order["version"]),
-        "created_at": _iso(order["created_ms"]),
-        "hold_expires_at": _iso(order["expires_ms"]),
-    }
+    return order_body(
+        order["id"],
+        sale_id,
+        int(order["qty"]),
+        order["state"],
+        int(order["version"]),
+        int(order["created_ms"]),
+        int(order["expires_ms"]),
+    )
 
 
 def create_app(settings: Settings, redis: Redis | None = None) -> Starlette:
@@ -118,8 +113,8 @@ def create_app(settings: Settings, redis: Redis | None = None) -> Starlette:
                 "id": sale_id,
                 "name": sale.get("name", sale_id),
                 "status": sale["status"],
-                "starts_at": _iso(sale["start_ms"]),
-                "ends_at": _iso(sale["end_ms"]),
+                "starts_at": iso_ms(int(sale["start_ms"])),
+                "ends_at": iso_ms(int(sale["end_ms"])),
                 "price": int(sale["price"]),
                 "currency": sale["currency"],
                 "per_user_limit": int(sale["per_user_limit"]),

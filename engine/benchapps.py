@@ -15,11 +15,9 @@ The baseline's two tables belong to the benchmark, not to the ledger, so they ar
 
 from __future__ import annotations
 
-import secrets
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -30,8 +28,9 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from engine.auth import TokenVerifier
-from engine.errors import BadRequest, Conflict, ProblemError, Unprocessable, problem_response
-from engine.ids import is_idempotency_key
+from engine.errors import BadRequest, Conflict, ProblemError, problem_response
+from engine.ids import is_idempotency_key, new_order_id
+from engine.orderpath import order_body, quantity_of
 from engine.settings import Settings
 
 __all__ = ["BASELINE_POOL_SIZE", "create_baseline", "create_ceiling", "prepare_baseline"]
@@ -85,36 +84,13 @@ async def baseline_counts(db: asyncpg.Pool, sale_id: str) -> dict[str, int]:
     return {k: int(v) for k, v in dict(row).items()}
 
 
-def _quantity(body: bytes) -> int:
-    try:
-        parsed = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise Unprocessable("invalid-body", "the body is not valid JSON") from None
-    quantity = parsed.get("quantity") if isinstance(parsed, dict) else None
-    if type(quantity) is not int or not 1 <= quantity <= 10_000:
-        raise Unprocessable("invalid-quantity", "quantity must be an integer from 1 to 10000")
-    return quantity
-
-
-def _iso(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, tz=UTC).isoformat(timespec="milliseconds")
-
-
 def _order(sale_id: str, quantity: int) -> tuple[str, bytes]:
     """A new order id and the engine's 201 body for it, so every server answers the same
     shape and size (a 10-minute hold, as the bench's sales have)."""
-    order_id = f"{sale_id}.{secrets.token_hex(8)}"
-    now = time.time()
+    order_id = new_order_id(sale_id)
+    now_ms = int(time.time() * 1000)
     body = orjson.dumps(
-        {
-            "id": order_id,
-            "sale_id": sale_id,
-            "quantity": quantity,
-            "state": "reserved",
-            "version": 1,
-            "created_at": _iso(now),
-            "hold_expires_at": _iso(now + 600),
-        }
+        order_body(order_id, sale_id, quantity, "reserved", 1, now_ms, now_ms + 600_000)
     )
     return order_id, body
 
@@ -151,7 +127,7 @@ def create_ceiling() -> Starlette:
 
     async def place_order(request: Request) -> Response:
         _checked(verifier, request)
-        quantity = _quantity(await request.body())
+        quantity = quantity_of(await request.body())
         _, body = _order(request.path_params["sale_id"], quantity)
         return Response(body, status_code=201, media_type="application/json")
 
@@ -177,7 +153,7 @@ def create_baseline() -> Starlette:
 
     async def place_order(request: Request) -> Response:
         user = _checked(verifier, request)
-        quantity = _quantity(await request.body())
+        quantity = quantity_of(await request.body())
         sale_id = request.path_params["sale_id"]
         order_id, body = _order(sale_id, quantity)
         async with state["db"].acquire() as conn, conn.transaction():
