@@ -35,6 +35,7 @@ from engine.errors import (
     Unauthorized,
     Unavailable,
     problem_response,
+    unexpected,
 )
 from engine.ids import is_sale_id, sale_of_order
 from engine.openapi import openapi_document
@@ -216,12 +217,7 @@ def create_app(settings: Settings, redis: Redis | None = None) -> Starlette:
 
     async def on_error(request: Request, exc: Exception) -> Response:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        problem = ProblemError(
-            "internal-error", "the server failed unexpectedly; retry with the same Idempotency-Key"
-        )
-        if isinstance(exc, RedisError | OSError):
-            problem = Unavailable("not-ready", "the inventory store is unreachable; retry")
-        return problem_response(problem, request)
+        return problem_response(unexpected(exc), request)
 
     routes = [
         Route("/v1/sales/{sale_id}", get_sale, methods=["GET"]),

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 import orjson
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -39,6 +40,7 @@ __all__ = [
     "Unprocessable",
     "UnsupportedMediaType",
     "problem_response",
+    "unexpected",
 ]
 
 PROBLEM_BASE = "https://flashsale.dev/problems/"
@@ -162,6 +164,17 @@ PROBLEM_TYPES: dict[str, int] = {
     "not-ready": 503,
     "payment-unavailable": 503,
 }
+
+
+def unexpected(exc: Exception) -> ProblemError:
+    """The problem to answer for an exception nothing else handled: never a bare 500 page.
+    A store that cannot be reached is a 503 worth retrying (with the same Idempotency-Key the
+    retry is safe whether or not the first attempt ran)."""
+    if isinstance(exc, RedisError | OSError):
+        return Unavailable("not-ready", "the inventory store is unreachable; retry")
+    return ProblemError(
+        "internal-error", "the server failed unexpectedly; retry with the same Idempotency-Key"
+    )
 
 
 def problem_response(error: ProblemError, request: Request | None = None) -> Response:

@@ -22,7 +22,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from redis.exceptions import RedisError
 from starlette.applications import Starlette
 
 from engine import inventory
@@ -33,9 +32,9 @@ from engine.errors import (
     NotFound,
     PayloadTooLarge,
     ProblemError,
-    Unavailable,
     Unprocessable,
     UnsupportedMediaType,
+    unexpected,
 )
 from engine.ids import is_idempotency_key, is_sale_id
 from engine.pipeline import PipelinedRedis
@@ -209,12 +208,7 @@ class OrderRoute:
                 error = exc
             except Exception as exc:
                 log.exception("unhandled error on POST %s", scope["path"])
-                error = ProblemError(
-                    "internal-error",
-                    "the server failed unexpectedly; retry with the same Idempotency-Key",
-                )
-                if isinstance(exc, RedisError | OSError):
-                    error = Unavailable("not-ready", "the inventory store is unreachable; retry")
+                error = unexpected(exc)
         if error is not None:
             status = error.status_code
             body = orjson.dumps(error.body(scope["path"]))

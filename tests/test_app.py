@@ -268,3 +268,17 @@ async def test_ready_reports_an_unreachable_postgres(redis: Redis, settings: Set
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
             body = assert_problem(await c.get("/ready"), 503, "not-ready")
     assert "postgres" in body["checks"]  # type: ignore[operator]
+
+
+async def test_unreachable_store_is_a_503_problem_not_a_500(
+    settings: Settings, redis: Redis, redis_sale: SaleFactory
+):
+    sale = await redis_sale()
+    # The order path's own connection points at a port nothing listens on.
+    app = create_app(replace(settings, redis_url="redis://127.0.0.1:1/0"), redis)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+            response = await place(c, settings, sale)
+    body = assert_problem(response, 503, "not-ready")
+    assert "unreachable" in str(body["detail"])
