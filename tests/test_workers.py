@@ -12,12 +12,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import asyncpg
+import pytest
 from redis.asyncio import Redis
 
 from engine import inventory
 from engine.errors import Conflict
 from engine.invariants import audit_sale, outbox_backlog, wait_for_ledger
-from engine.keys import OUTBOX_GROUP, sale_keys
+from engine.keys import LIVE_SALES, OUTBOX_GROUP, sale_keys
 from engine.ledger import OrderChange, write_changes
 from engine.scripts import SCRIPTS
 from engine.settings import Settings
@@ -192,3 +193,19 @@ async def test_ack_script_contract_and_reload(redis: Redis, redis_sale: SaleFact
     assert pending["pending"] == 50
     again = await SCRIPTS["ack"](redis, [outbox], [OUTBOX_GROUP, ",".join(ids[:550])])
     assert again == [1, 0]  # acknowledging twice changes nothing
+
+
+async def test_one_failing_sale_does_not_stop_the_others(
+    redis: Redis, caplog: pytest.LogCaptureFixture
+):
+    from workers.settings import _each_sale
+
+    await redis.sadd(LIVE_SALES, "a-sale", "b-sale", "c-sale")
+
+    async def work(sale_id: str) -> int:
+        if sale_id == "b-sale":
+            raise RuntimeError("the gateway said no")
+        return 10
+
+    assert await _each_sale({"store": redis}, "test job", work) == 20
+    assert "test job failed for sale b-sale" in caplog.text

@@ -12,8 +12,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from arq import cron
@@ -38,16 +37,6 @@ log = logging.getLogger("flashsale.worker")
 # under a storm entries gather into batches instead of the loop spinning on a few at a time.
 DRAIN_WINDOW_S = 0.9
 POLL_S = 0.02
-
-
-@contextmanager
-def _one_sale(job: str, sale_id: str) -> Iterator[None]:
-    """One sale's failure is logged and the job goes on to the next sale; the failed one is
-    retried next tick."""
-    try:
-        yield
-    except Exception:
-        log.exception("%s failed for sale %s; retrying next tick", job, sale_id)
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -95,12 +84,23 @@ async def drain_outboxes(ctx: dict[str, Any]) -> int:
             await asyncio.sleep(POLL_S)
 
 
+async def _each_sale(ctx: dict[str, Any], job: str, work: Callable[[str], Awaitable[int]]) -> int:
+    """Run ``work`` for every live sale and add up what it did; one sale's failure is logged and
+    the job goes on to the next sale (the failed one is retried next tick)."""
+    total = 0
+    for sale_id in await live_sale_ids(ctx["store"]):
+        try:
+            total += await work(sale_id)
+        except Exception:
+            log.exception("%s failed for sale %s; retrying next tick", job, sale_id)
+    return total
+
+
 async def expire_holds(ctx: dict[str, Any]) -> int:
     """Expire every due hold of every live sale (cancelling its PaymentIntent first)."""
-    expired = 0
-    for sale_id in await live_sale_ids(ctx["store"]):
-        with _one_sale("expiry", sale_id):
-            expired += await expire_sale(ctx["store"], sale_id, gateway=ctx["gateway"])
+    expired = await _each_sale(
+        ctx, "expiry", lambda sale_id: expire_sale(ctx["store"], sale_id, gateway=ctx["gateway"])
+    )
     if expired:
         log.info("expired %d holds", expired)
     return expired
@@ -108,22 +108,22 @@ async def expire_holds(ctx: dict[str, Any]) -> int:
 
 async def payment_intents(ctx: dict[str, Any]) -> int:
     """Create a PaymentIntent for every live hold without one."""
-    made = 0
-    for sale_id in await live_sale_ids(ctx["store"]):
-        with _one_sale("payment intents", sale_id):
-            made += await create_intents(ctx["store"], ctx["gateway"], sale_id)
-    return made
+    return await _each_sale(
+        ctx,
+        "payment intents",
+        lambda sale_id: create_intents(ctx["store"], ctx["gateway"], sale_id),
+    )
 
 
 async def refunds(ctx: dict[str, Any]) -> int:
     """Refund at the gateway what is owed (late payments without stock, admin refunds), and
     cancel the intents of cancelled orders."""
-    done = 0
-    for sale_id in await live_sale_ids(ctx["store"]):
-        with _one_sale("refunds", sale_id):
-            done += await pay_refunds(ctx["store"], ctx["gateway"], sale_id)
-            done += await void_intents(ctx["store"], ctx["gateway"], sale_id)
-    return done
+
+    async def one(sale_id: str) -> int:
+        paid = await pay_refunds(ctx["store"], ctx["gateway"], sale_id)
+        return paid + await void_intents(ctx["store"], ctx["gateway"], sale_id)
+
+    return await _each_sale(ctx, "refunds", one)
 
 
 async def webhook_retries(ctx: dict[str, Any]) -> int:
@@ -133,14 +133,14 @@ async def webhook_retries(ctx: dict[str, Any]) -> int:
 
 async def reconcile_sales(ctx: dict[str, Any]) -> int:
     """Compare Redis, Postgres and the gateway; log every difference (repairs are manual)."""
-    differences = 0
-    for sale_id in await live_sale_ids(ctx["store"]):
-        with _one_sale("reconcile", sale_id):
-            report = await reconcile(ctx["store"], ctx["db"], ctx["gateway"], sale_id)
-            for difference in report.differences:
-                log.warning("reconcile %s: %s", sale_id, difference)
-            differences += len(report.differences)
-    return differences
+
+    async def one(sale_id: str) -> int:
+        report = await reconcile(ctx["store"], ctx["db"], ctx["gateway"], sale_id)
+        for difference in report.differences:
+            log.warning("reconcile %s: %s", sale_id, difference)
+        return len(report.differences)
+
+    return await _each_sale(ctx, "reconcile", one)
 
 
 class WorkerSettings:
