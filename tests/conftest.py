@@ -4,7 +4,10 @@ flushed (Redis) and truncated (Postgres) before every test that uses them."""
 from __future__ import annotations
 
 import asyncio
+import os
 import secrets
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -25,6 +28,14 @@ ROOT = Path(__file__).resolve().parents[1]
 SERVICES_DIR = ROOT / ".flashsale" / "test"
 
 SaleFactory = Callable[..., Awaitable[SaleDefinition]]
+
+
+def flashsale(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run the ``flashsale`` command as a real process configured by ``settings``."""
+    env = {**os.environ, **settings.as_env()}
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", *args], env=env, capture_output=True, text=True
+    )
 
 
 @pytest.fixture(scope="session")

@@ -16,13 +16,7 @@ from engine.cli import build_parser
 from engine.db import migrate
 from engine.keys import sale_keys
 from engine.settings import Settings
-
-
-def flashsale(settings: Settings, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, **settings.as_env()}
-    return subprocess.run(
-        [sys.executable, "-m", "engine.cli", *args], env=env, capture_output=True, text=True
-    )
+from tests.conftest import flashsale
 
 
 def every_command() -> list[list[str]]:

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import subprocess
-import sys
 from collections import Counter
 from dataclasses import replace
 
@@ -21,7 +19,7 @@ from engine.keys import sale_keys
 from engine.payments import MockGateway
 from engine.scripts import SCRIPTS, Code
 from engine.settings import Settings
-from tests.conftest import SaleFactory
+from tests.conftest import SaleFactory, flashsale
 from tests.test_scripts import snapshot
 from workers.outbox import drain_sale
 
@@ -194,15 +192,9 @@ async def test_reconcile_command_exit_codes(
     settings: Settings, redis: Redis, db: asyncpg.Pool, ledger_sale: SaleFactory
 ):
     sale = await ledger_sale(stock=5)
-    env = {**os.environ, **settings.as_env()}
 
-    def run(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "engine.cli", "reconcile", *args],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+    def run(*args: str, settings: Settings = settings) -> subprocess.CompletedProcess[str]:
+        return flashsale(settings, "reconcile", *args)
 
     hold = await inventory.reserve(redis, sale.id, "alice", 1, "k1")
     mock = MockGateway(redis)
@@ -221,8 +213,8 @@ async def test_reconcile_command_exit_codes(
     await drain_sale(redis, db, sale.id, "c", batch=100, claim_idle_ms=60_000)
     assert (await asyncio.to_thread(run, "--sale", sale.id)).returncode == 0
 
-    env.update(replace(settings, redis_url="redis://127.0.0.1:1/0").as_env())
-    broken = await asyncio.to_thread(run, "--sale", sale.id)
+    unreachable = replace(settings, redis_url="redis://127.0.0.1:1/0")
+    broken = await asyncio.to_thread(run, "--sale", sale.id, settings=unreachable)
     assert broken.returncode == 2
 
 

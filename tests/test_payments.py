@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
 import sys
@@ -30,7 +29,7 @@ from engine.localservices import free_port
 from engine.payments import Intent, MockGateway, StripeGateway, intent_event, signed_event
 from engine.reconcile import reconcile
 from engine.settings import Settings
-from tests.conftest import SaleFactory
+from tests.conftest import SaleFactory, flashsale
 from workers.holds import expire_sale
 from workers.outbox import drain_sale
 from workers.payments import create_intents, pay_refunds, void_intents
@@ -378,15 +377,8 @@ async def test_admin_refund_route_and_cli(
         response = await client.post(url, headers=admin)
         assert response.status_code == 202 and response.json()["state"] == "refund_pending"
     assert await redis.get(sale_keys(sale.id).stock) == "3"
-    env = {**os.environ, **pay_settings.as_env()}
     for _ in range(2):
-        result = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-m", "engine.cli", "order", "refund", order_id],
-            env=env,
-            capture_output=True,
-            text=True,
-        )
+        result = await asyncio.to_thread(flashsale, pay_settings, "order", "refund", order_id)
         assert result.returncode == 0, result.stderr
         assert "refunded" in result.stdout
     assert (await inventory.read_order(redis, sale.id, order_id))["state"] == "refunded"

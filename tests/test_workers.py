@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from engine import inventory
+from engine.demo import start_process
 from engine.errors import Conflict
 from engine.invariants import audit_sale, outbox_backlog, wait_for_ledger
 from engine.keys import LIVE_SALES, OUTBOX_GROUP, sale_keys
@@ -125,15 +124,8 @@ async def test_expiry_releases_due_holds_only(
 
 
 def start_worker(settings: Settings, log: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, **settings.as_env()}
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            # Only the drain: the payment jobs would bump versions while the test audits.
-            [sys.executable, "-m", "engine.cli", "worker", "--jobs", "drain_outboxes"],
-            env=env,
-            stdout=out,
-            stderr=out,
-        )
+    # Only the drain: the payment jobs would bump versions while the test audits.
+    return start_process(["worker", "--jobs", "drain_outboxes"], settings, log)
 
 
 async def test_sigkill_mid_drain_loses_and_duplicates_nothing(
