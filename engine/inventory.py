@@ -21,6 +21,7 @@ __all__ = [
     "Hold",
     "Release",
     "SaleDefinition",
+    "SoldOutView",
     "attach_payment",
     "confirm",
     "load_sale",
@@ -30,6 +31,8 @@ __all__ = [
     "release",
     "reserve",
     "set_status",
+    "sold_out",
+    "sold_out_view",
 ]
 
 # Stripe keeps idempotency keys 24 h; shoppers' retries come within seconds, so this is generous.
@@ -42,6 +45,7 @@ _set_status = SCRIPTS["set_status"]
 _confirm = SCRIPTS["confirm"]
 _refund = SCRIPTS["refund"]
 _attach_payment = SCRIPTS["attach_payment"]
+_sold_out_view = SCRIPTS["sold_out_view"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,6 +117,43 @@ def _sale_error(code: Code, reply: list[Any], sale_id: str) -> ProblemError:
     raise AssertionError(f"not a sale state code: {code!r}")
 
 
+def sold_out(available: int) -> Conflict:
+    """The answer to an order the stock cannot cover (from ``reserve`` or ``engine.soldout``)."""
+    return Conflict("sold-out", "not enough stock left for this quantity", available=available)
+
+
+@dataclass(frozen=True, slots=True)
+class SoldOutView:
+    """A sale that is open, inside its window and out of stock, as ``sold_out_view`` read it."""
+
+    now_ms: int  # Redis's clock when it was read
+    end_ms: int
+    per_order_max: int
+    per_user_limit: int
+    shoppers: int  # how many shoppers ever held a unit
+    names: list[str] | None  # all of them, or None when the caller's count was still right
+
+
+async def sold_out_view(
+    redis: Redis, sale_id: str, known_shoppers: int, max_shoppers: int
+) -> SoldOutView | None:
+    """The sale's sold-out view, or None when it is not for a server to answer by itself."""
+    keys = sale_keys(sale_id)
+    reply = await _sold_out_view(
+        redis, [keys.sale, keys.stock, keys.users], [known_shoppers, max_shoppers]
+    )
+    if Code(reply[0]) is not Code.OK:
+        return None
+    return SoldOutView(
+        now_ms=reply[1],
+        end_ms=reply[2],
+        per_order_max=reply[3],
+        per_user_limit=reply[4],
+        shoppers=reply[5],
+        names=reply[6],
+    )
+
+
 def _order_keys(sale_id: str, order_id: str, *extra: str) -> list[str]:
     """The KEYS every order-changing script takes first, in their header's order."""
     keys = sale_keys(sale_id)
@@ -153,7 +194,7 @@ async def reserve(
             replayed=code is Code.REPLAYED,
         )
     if code is Code.SOLD_OUT:
-        raise Conflict("sold-out", "not enough stock left for this quantity", available=reply[1])
+        raise sold_out(reply[1])
     if code is Code.LIMIT_EXCEEDED:
         raise Conflict(
             "limit-exceeded",

@@ -44,7 +44,8 @@ class SaleKeys:
 
     @property
     def users(self) -> str:
-        """Hash: user id -> units in live holds plus paid orders."""
+        """Hash: user id -> units in live holds plus paid orders. A shopper who ever held a
+        unit stays at 0 after giving it back, so the keys are everyone who ever bought."""
         return f"{self.tag}:users"
 
     @property

@@ -75,6 +75,8 @@ class Settings:
     stripe_api_base: str | None = None
     webhook_secret: str | None = field(default=None, repr=False)
     webhook_tolerance_s: int = 300
+    # How often a server re-reads a sold-out sale it answers by itself (engine.soldout); 0: never.
+    sold_out_refresh_ms: int = 50
 
     @property
     def jwt_algorithm(self) -> str:
@@ -120,6 +122,9 @@ class Settings:
             stripe_api_base=env.get("FLASHSALE_STRIPE_API_BASE") or None,
             webhook_secret=env.get("FLASHSALE_WEBHOOK_SECRET") or None,
             webhook_tolerance_s=_int(env, "FLASHSALE_WEBHOOK_TOLERANCE_S", 300, 1),
+            sold_out_refresh_ms=_int(
+                env, "FLASHSALE_SOLD_OUT_REFRESH_MS", cls.sold_out_refresh_ms, 0
+            ),
         )
         if settings.environment == "production" and not (
             settings.jwt_secret or settings.jwt_public_key
@@ -161,6 +166,7 @@ class Settings:
             "FLASHSALE_DRAIN_BATCH": str(self.drain_batch),
             "FLASHSALE_CLAIM_IDLE_MS": str(self.claim_idle_ms),
             "FLASHSALE_WEBHOOK_TOLERANCE_S": str(self.webhook_tolerance_s),
+            "FLASHSALE_SOLD_OUT_REFRESH_MS": str(self.sold_out_refresh_ms),
         }
         optional = {
             "FLASHSALE_JWT_SECRET": self.jwt_secret,

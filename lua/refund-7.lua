@@ -37,9 +37,8 @@ if ARGV[2] == 'request' then
     return {-13, state, version}
   end
   rcall('HINCRBY', KEYS[1], 'sold', -qty)
-  if rcall('HINCRBY', KEYS[3], user, -qty) <= 0 then
-    rcall('HDEL', KEYS[3], user)
-  end
+  -- The shopper stays in users at 0: sold_out_view relies on nobody ever leaving it.
+  rcall('HINCRBY', KEYS[3], user, -qty)
   if ARGV[3] == '1' then
     rcall('INCRBY', KEYS[2], qty)
   else

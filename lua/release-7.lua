@@ -42,9 +42,8 @@ end
 local user, qty = order[1], tonumber(order[2])
 local version = tonumber(order[5]) + 1
 rcall('INCRBY', KEYS[2], qty)
-if rcall('HINCRBY', KEYS[3], user, -qty) <= 0 then
-  rcall('HDEL', KEYS[3], user)
-end
+-- The shopper stays in users at 0: sold_out_view relies on nobody ever leaving it.
+rcall('HINCRBY', KEYS[3], user, -qty)
 rcall('HINCRBY', KEYS[1], 'held', -qty)
 rcall('HSET', KEYS[6], 'state', target, 'version', version, 'updated_ms', now)
 rcall('ZREM', KEYS[4], ARGV[1])

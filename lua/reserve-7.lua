@@ -3,7 +3,7 @@
 
   KEYS[1] sale hash         (definition; counters held, sold)
   KEYS[2] stock             (integer: units available)
-  KEYS[3] users             (hash: user -> units in live holds + paid)
+  KEYS[3] users             (hash: user -> units in live holds + paid; 0 once they are gone)
   KEYS[4] holds             (zset: order id scored by expiry ms)
   KEYS[5] outbox            (stream)
   KEYS[6] order hash        (for the new order id ARGV[1])

@@ -93,7 +93,7 @@ async def test_refund_contract(redis: Redis, redis_sale: SaleFactory):
     assert (asked.code, asked.state) == (Code.OK, "refund_pending")
     assert await redis.hmget(keys.sale, "sold", "withdrawn") == ["0", "2"]
     assert await redis.get(keys.stock) == "2"  # withdrawn, not back on sale
-    assert await redis.hget(keys.users, "alice") is None
+    assert await redis.hget(keys.users, "alice") == "0"  # stays listed as a past buyer
     twice = await unchanged(redis, inventory.refund(redis, sale.id, hold.order_id, "request"))
     assert twice.code is Code.ALREADY_FINAL
 
