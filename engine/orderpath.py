@@ -17,7 +17,6 @@ Starlette (``FrontDoor``).
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Awaitable, Callable, MutableMapping
 from datetime import UTC, datetime
 from typing import Any
@@ -55,7 +54,8 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 # the sale's own per-order maximum (checked in Lua) is usually far lower.
 MAX_QUANTITY = 10_000
 
-_PATH = re.compile(r"/v1/sales/([^/]+)/orders")
+_PREFIX = "/v1/sales/"
+_SUFFIX = "/orders"
 _JSON = [(b"content-type", b"application/json")]
 _REPLAYED = (b"idempotent-replayed", b"true")
 
@@ -128,9 +128,12 @@ class OrderRoute:
 
     @staticmethod
     def sale_of(path: str) -> str | None:
-        """The sale id when ``path`` is an order route, else None."""
-        match = _PATH.fullmatch(path)
-        return match.group(1) if match else None
+        """The sale id when ``path`` is ``/v1/sales/{id}/orders``, else None. String tests, not a
+        regex: every request of the server passes here (the regex was 3.4 % of its CPU, py-spy)."""
+        if not (path.startswith(_PREFIX) and path.endswith(_SUFFIX)):
+            return None
+        sale_id = path[len(_PREFIX) : -len(_SUFFIX)]
+        return sale_id if sale_id and "/" not in sale_id else None
 
     async def _body(self, receive: Receive) -> bytes | None:
         """The whole body, or None when the client went away first."""
