@@ -18,12 +18,14 @@ Then every sale's invariants (``engine.invariants.audit_sale``), and a report: `
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import secrets
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,7 @@ from engine import localservices
 from engine.auth import mint_tokens
 from engine.benchapps import baseline_counts, prepare_baseline
 from engine.benchreport import profile_summary, write_report
+from engine.cpumeter import CpuMeter, children_of
 from engine.db import connect_postgres, connect_redis, migrate
 from engine.demo import start_process, stop_process, wait_ready
 from engine.invariants import SaleAudit, audit_sale, outbox_backlog, wait_for_ledger
@@ -59,6 +62,7 @@ WORKER_JOBS = "drain_outboxes,expire_holds"
 # Within a round, the sold-out slice follows the engine's (the engine server stays warm) and the
 # ceiling comes last, farthest from any drain the engine's slice set off.
 PHASE_ORDER = ("engine", "sold_out", "baseline", "ceiling")
+SERVER_APPS = ("ceiling", "engine", "baseline")
 
 
 @dataclass
@@ -200,6 +204,29 @@ async def _reset(redis: Redis, db: asyncpg.Pool) -> None:
     await db.execute("DROP TABLE IF EXISTS orders_baseline, sales_baseline")
 
 
+def _meter(services_dir: Path, servers: Servers) -> CpuMeter:
+    """CPU of every process the phases use; a server counts with its children (uvicorn's
+    worker processes when there are several), Postgres with its backends."""
+    recorded = json.loads((services_dir / "services.json").read_text())
+    redis_pid, pg_pid = recorded["redis"]["pid"], recorded["postgres"]["pid"]
+
+    def process(name: str) -> Callable[[], list[int]]:
+        def pids() -> list[int]:
+            proc = servers.procs.get(name)
+            return [proc.pid, *children_of(proc.pid)] if proc is not None else []
+
+        return pids
+
+    return CpuMeter(
+        {
+            **{f"{app} server": process(app) for app in SERVER_APPS},
+            "drain worker": process("worker"),
+            "redis": lambda: [redis_pid] if redis_pid else [],
+            "postgres": lambda: [pg_pid, *children_of(pg_pid)] if pg_pid else [],
+        }
+    )
+
+
 def _warm(options: BenchOptions, url: str, path: str, tokens: Path) -> None:
     """Every server meets every token before it is measured, so no phase pays first-time JWT
     decodes that another does not (each server process caches the tokens it verified)."""
@@ -285,10 +312,11 @@ async def _bench(options: BenchOptions) -> dict[str, Any]:
         presold = await _place_directly(redis, ids["b"], SOLD_OUT_STOCK, "early-bird-")
 
         print("starting the ceiling, the engine (with an outbox worker) and the baseline")
-        server = {app: await servers.serve(app) for app in ("ceiling", "engine", "baseline")}
+        server = {app: await servers.serve(app) for app in SERVER_APPS}
         servers.work()
+        meter = _meter(options.dir, servers)
         url = {**servers.urls, "sold_out": servers.urls["engine"]}
-        for app in ("ceiling", "engine", "baseline"):
+        for app in SERVER_APPS:
             # The engine warms up on the sold-out sale, so phase (a)'s sale stays untouched.
             _warm(options, url[app], path["sold_out" if app == "engine" else app], tokens)
         phases = {
@@ -305,7 +333,9 @@ async def _bench(options: BenchOptions) -> dict[str, Any]:
         print(f"{rounds} rounds of 1 s per phase, {options.connections} connections", flush=True)
         for _ in range(rounds):
             for name in PHASE_ORDER:
+                before = meter.read()
                 await asyncio.to_thread(run_slice, phases[name], path[name], tokens, 1)
+                phases[name].add_cpu(meter.spent(before, meter.read()))
                 if name == "engine":
                     # The next phase must not pay for this one's drain: wait for the ledger.
                     ledger_waits.append(await wait_for_ledger(redis, ids["a"]))

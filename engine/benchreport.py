@@ -10,6 +10,8 @@ from typing import Any
 
 import orjson
 
+from engine.cpumeter import MACHINE
+
 __all__ = ["TARGETS", "profile_summary", "summary_table", "write_report"]
 
 # (report path, comparison, bound, what it means): the targets of issue 4, read off the report.
@@ -116,6 +118,30 @@ def summary_table(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _cpu_table(report: dict[str, Any]) -> list[str]:
+    """CPU microseconds per request in each process, by phase, and cores busy."""
+    phases = {name: report["phases"][name].get("cpu") for name in PHASE_TITLES}
+    if not all(phases.values()):
+        return []
+    processes = list(next(iter(phases.values()))["us_per_request"])
+    md = [
+        "",
+        "## Where each phase's CPU goes (µs of CPU per request, from /proc)",
+        "",
+        "| process | " + " | ".join(PHASE_TITLES.values()) + " |",
+        "| --- |" + " ---: |" * len(PHASE_TITLES),
+    ]
+    for process in processes:
+        cells = [phases[name]["us_per_request"].get(process) for name in PHASE_TITLES]
+        md.append(f"| {process} | " + " | ".join(f"{c:,.0f}" for c in cells) + " |")
+    md.append(
+        "| cores busy (machine) | "
+        + " | ".join(f"{phases[name]['cores'].get(MACHINE, 0):.2f}" for name in PHASE_TITLES)
+        + " |"
+    )
+    return md
+
+
 def _markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     md = [
@@ -163,6 +189,7 @@ def _markdown(report: dict[str, Any]) -> str:
             f"{a['sold']:,} | {a['orders_in_redis']:,} | {a['orders_in_ledger']:,} | "
             f"{a['max_units_per_user']} |"
         )
+    md += _cpu_table(report)
     profile = report.get("profile")
     if profile and profile["samples"]:
         md += [

@@ -81,6 +81,11 @@ class Phase:
     connections: int
     threads: int
     slices: list[Slice] = field(default_factory=list)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds by process, all slices
+
+    def add_cpu(self, spent: dict[str, float]) -> None:
+        for name, seconds in spent.items():
+            self.cpu_s[name] = self.cpu_s.get(name, 0.0) + seconds
 
     @property
     def requests(self) -> int:
@@ -128,6 +133,16 @@ class Phase:
             "socket_errors": sum(s.socket_errors for s in self.slices),
             "connections": self.connections,
             "wrk_threads": self.threads,
+            "cpu": {
+                "us_per_request": {
+                    name: round(1e6 * seconds / self.requests, 1) if self.requests else None
+                    for name, seconds in self.cpu_s.items()
+                },
+                "cores": {
+                    name: round(seconds / self.duration_s, 2) if self.duration_s else None
+                    for name, seconds in self.cpu_s.items()
+                },
+            },
             "slices": [
                 {
                     **asdict(s),

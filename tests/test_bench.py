@@ -68,7 +68,21 @@ def test_bench_smoke_writes_a_complete_report(tmp_path: Path):
     # While stock lasts every answer is a 201; after sell-out every answer is a refusal.
     assert report["phases"]["engine"]["non_2xx"] == 0
     assert report["phases"]["sold_out"]["non_2xx"] == report["phases"]["sold_out"]["requests"]
+    # CPU by process: each phase's own server and the load generator worked; the engine's
+    # orders cost Redis time, its sold-out answers (engine.soldout) almost none.
+    cpu = {name: report["phases"][name]["cpu"]["us_per_request"] for name in PHASES}
+    server = {
+        "ceiling": "ceiling",
+        "engine": "engine",
+        "sold_out": "engine",
+        "baseline": "baseline",
+    }
+    for name in PHASES:
+        assert cpu[name][f"{server[name]} server"] > 0 and cpu[name]["wrk"] > 0, name
+    assert cpu["engine"]["redis"] > 0 and cpu["baseline"]["postgres"] > 0
+    assert cpu["sold_out"]["redis"] < cpu["engine"]["redis"] / 2
 
     assert (out / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "report.md").read_text()
     assert "| ceiling (Starlette, no store) |" in markdown and "Invariants: **ok**" in markdown
+    assert "| cores busy (machine) |" in markdown
