@@ -1,7 +1,8 @@
 """What a sale id, order id, user id and idempotency key may look like.
 
 They all end up inside Redis keys and URLs, so each is checked once, at the edge, against a
-pattern that cannot contain ``{``, ``}`` or whitespace.
+pattern that cannot contain ``{``, ``}``, whitespace or control characters (the outbox also joins
+an order's values with byte 31: lua/includes/emit.lua).
 """
 
 from __future__ import annotations

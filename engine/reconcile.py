@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 
 from engine import inventory
 from engine.invariants import outbox_backlog, redis_orders
-from engine.ledger import OrderChange, write_changes
+from engine.ledger import pack_change, write_changes
 from engine.payments import Intent, PaymentGateway
 from engine.webhooks import HANDLED, receive
 
@@ -53,10 +53,10 @@ class ReconcileReport:
     repaired: list[str] = field(default_factory=list)
 
 
-def _change(sale_id: str, order: dict[str, str]) -> OrderChange:
-    return OrderChange.from_entry(
-        sale_id, {**order, "order": order["id"], "at_ms": order["updated_ms"]}
-    )
+def _change(order: dict[str, str]) -> str:
+    """An order hash as the outbox would carry its latest change (the hash names the values
+    as the change does, but for its id and its last change's time)."""
+    return pack_change({**order, "order": order["id"], "at_ms": order["updated_ms"]})
 
 
 async def reconcile(
@@ -90,7 +90,7 @@ async def reconcile(
         for order_id in ledger.keys() - orders.keys():
             found(Difference("unknown-in-ledger", order_id, f"ledger {ledger[order_id][0]}"))
         if repair and stale:
-            await write_changes(db, [_change(sale_id, o) for o in stale])
+            await write_changes(db, sale_id, [_change(o) for o in stale])
             report.repaired.append(f"wrote {len(stale)} orders from Redis into the ledger")
 
     gate = asyncio.Semaphore(8)

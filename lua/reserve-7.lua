@@ -5,7 +5,7 @@
   KEYS[2] stock             (integer: units available)
   KEYS[3] users             (hash: user -> units in live holds + paid; 0 once they are gone)
   KEYS[4] holds             (zset: order id scored by expiry ms)
-  KEYS[5] outbox            (stream)
+  KEYS[5] outbox            (stream: one entry per change, laid out as includes/emit.lua says)
   KEYS[6] order hash        (for the new order id ARGV[1])
   KEYS[7] idempotency       (string: first answer for user + Idempotency-Key)
 
@@ -35,6 +35,7 @@
    -10 ORDER_ID_TAKEN    (64 random bits collided; the caller retries with a new id)
 ]]
 local rcall = redis.call
+--!include emit.lua
 
 local sale = rcall('HMGET', KEYS[1], 'status', 'start_ms', 'end_ms', 'per_order_max',
                    'per_user_limit', 'hold_ms')
@@ -105,7 +106,6 @@ rcall('ZADD', KEYS[4], expires, order_id)
 rcall('SET', KEYS[7],
       ARGV[4] .. '|' .. order_id .. '|' .. qty .. '|' .. now .. '|' .. expires,
       'EX', tonumber(ARGV[5]))
-rcall('XADD', KEYS[5], '*',
-      'order', order_id, 'user', user, 'qty', qty, 'state', 'reserved', 'version', 1,
-      'created_ms', now, 'expires_ms', expires, 'at_ms', now, 'idem', ARGV[6])
+append_change(KEYS[5], order_id, user, qty, 'reserved', 1, now, expires, now, '', '', '',
+              ARGV[6])
 return {1, order_id, qty, now, expires, stock}

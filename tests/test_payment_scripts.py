@@ -7,6 +7,7 @@ import random
 import subprocess
 from collections import Counter
 from dataclasses import replace
+from datetime import UTC, datetime
 
 import asyncpg
 import pytest
@@ -15,8 +16,9 @@ from redis.asyncio import Redis
 from engine import inventory
 from engine.errors import Conflict, NotFound
 from engine.invariants import audit_sale
-from engine.keys import sale_keys
+from engine.keys import OUTBOX_GROUP, sale_keys
 from engine.payments import MockGateway
+from engine.reconcile import reconcile
 from engine.scripts import SCRIPTS, Code
 from engine.settings import Settings
 from tests.conftest import SaleFactory, flashsale
@@ -236,6 +238,47 @@ async def test_reloading_a_sale_never_reopens_or_moves_it(redis: Redis, redis_sa
     assert await inventory.load_sale(redis, moved) is Code.UPDATED
     fields = await redis.hmget(sale_keys(sale.id).sale, "status", "start_ms", "end_ms", "name")
     assert fields == ["closed", str(sale.start_ms), str(sale.end_ms), "Renamed"]
+
+
+async def test_reconcile_repairs_the_ledger_with_every_value_of_the_order(
+    redis: Redis, db: asyncpg.Pool, ledger_sale: SaleFactory
+):
+    sale = await ledger_sale()
+    gateway = MockGateway(redis)
+    lost = await inventory.reserve(redis, sale.id, "alice", 2, "k1")
+    paying = await gateway.create_intent(lost.order_id, sale.id, 3000, "usd")
+    await inventory.attach_payment(redis, sale.id, lost.order_id, paying.id, "s", 3000, "usd")
+    stale = await inventory.reserve(redis, sale.id, "bob", 1, "k2")
+    await drain_sale(redis, db, sale.id, "c", batch=100, claim_idle_ms=60_000)
+    rows = (
+        "SELECT o.*, p.amount, p.currency, p.order_state, p.order_version"
+        " FROM orders o LEFT JOIN payments p ON p.intent_id = o.payment_intent_id"
+    )
+    drained = {r["id"]: dict(r) for r in await db.fetch(rows)}
+    # The ledger loses one order, and the other's last change is acknowledged but never written.
+    await db.execute("DELETE FROM orders WHERE id = $1", lost.order_id)
+    late = await gateway.create_intent(stale.order_id, sale.id, 1500, "usd")
+    await inventory.attach_payment(redis, sale.id, stale.order_id, late.id, "s", 1500, "usd")
+    outbox = sale_keys(sale.id).outbox
+    [[_, [(entry_id, _)]]] = await redis.xreadgroup(OUTBOX_GROUP, "c", {outbox: ">"})
+    await SCRIPTS["ack"](redis, [outbox], [OUTBOX_GROUP, entry_id])
+
+    report = await reconcile(redis, db, gateway, sale.id, repair=True)
+    assert sorted(d.kind for d in report.differences) == ["missing-in-ledger", "state-mismatch"]
+    repaired = {r["id"]: dict(r) for r in await db.fetch(rows)}
+    assert repaired[lost.order_id] == drained[lost.order_id]
+    order = await inventory.read_order(redis, sale.id, stale.order_id)
+    assert order is not None
+    assert repaired[stale.order_id] == drained[stale.order_id] | {
+        "version": 2,
+        "updated_at": datetime.fromtimestamp(int(order["updated_ms"]) / 1000, UTC),
+        "payment_intent_id": late.id,
+        "amount": 1500,
+        "currency": "usd",
+        "order_state": "reserved",
+        "order_version": 2,
+    }
+    assert (await reconcile(redis, db, gateway, sale.id)).differences == []
 
 
 async def test_the_ledger_payment_row_follows_a_release(

@@ -14,6 +14,7 @@ from engine import inventory
 from engine.db import connect_redis
 from engine.errors import Conflict, NotFound, ProblemError, SaleClosed, Unprocessable
 from engine.keys import LIVE_SALES, OUTBOX_GROUP, sale_keys
+from engine.ledger import OrderChange
 from engine.scripts import SCRIPTS, Code
 from engine.settings import Settings
 from tests.conftest import SaleFactory
@@ -68,7 +69,18 @@ async def test_reserve_ok_takes_stock_and_writes_everything(redis: Redis, redis_
         "1",
     )
     [(_, entry)] = await redis.xrange(keys.outbox)
-    assert entry["order"] == hold.order_id and entry["state"] == "reserved"
+    assert OrderChange.from_entry(sale.id, entry) == OrderChange(
+        order_id=hold.order_id,
+        sale_id=sale.id,
+        user_id="alice",
+        quantity=2,
+        state="reserved",
+        version=1,
+        idempotency_key="k1",
+        created_ms=hold.created_ms,
+        expires_ms=hold.expires_ms,
+        at_ms=hold.created_ms,
+    )
 
 
 async def test_reserve_replay_answers_first_answer_and_writes_nothing(
@@ -358,8 +370,7 @@ async def test_interleaved_cancel_and_expire_return_each_unit_once(
     assert await redis.hget(keys.sale, "held") == "0"
     assert set((await redis.hgetall(keys.users)).values()) == {"0"}
     assert await redis.zcard(keys.holds) == 0
-    releases = Counter(
-        entry["order"] for _, entry in await redis.xrange(keys.outbox) if entry["version"] == "2"
-    )
+    changes = [OrderChange.from_entry(sale.id, e) for _, e in await redis.xrange(keys.outbox)]
+    releases = Counter(c.order_id for c in changes if c.version == 2)
     assert set(releases.values()) == {1} and len(releases) == len(holds)
     assert await redis.sismember(LIVE_SALES, sale.id) == 0  # loaded straight, not via the CLI

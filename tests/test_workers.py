@@ -7,6 +7,7 @@ import signal
 import subprocess
 import time
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 import asyncpg
@@ -18,7 +19,7 @@ from engine.demo import start_process
 from engine.errors import Conflict
 from engine.invariants import audit_sale, outbox_backlog, wait_for_ledger
 from engine.keys import LIVE_SALES, OUTBOX_GROUP, sale_keys
-from engine.ledger import OrderChange, write_changes
+from engine.ledger import OrderChange, entry_change, write_changes
 from engine.scripts import SCRIPTS
 from engine.settings import Settings
 from tests.conftest import SaleFactory
@@ -66,10 +67,10 @@ async def test_an_older_change_never_overwrites_a_newer_one(
     hold = await inventory.reserve(redis, sale.id, "alice", 1, "k1")
     await inventory.release(redis, sale.id, hold.order_id, "cancelled")
     entries = [fields for _, fields in await redis.xrange(sale_keys(sale.id).outbox)]
-    newest, oldest = (OrderChange.from_entry(sale.id, f) for f in reversed(entries))
-    await write_changes(db, [newest])
-    await write_changes(db, [oldest])  # a redelivery, late and out of order
-    await write_changes(db, [oldest, newest, oldest])  # duplicates inside one batch
+    newest, oldest = (entry_change(f) for f in reversed(entries))
+    await write_changes(db, sale.id, [newest])
+    await write_changes(db, sale.id, [oldest])  # a redelivery, late and out of order
+    await write_changes(db, sale.id, [oldest, newest, oldest])  # duplicates inside one batch
     row = await db.fetchrow("SELECT state, version FROM orders WHERE id = $1", hold.order_id)
     assert (row["state"], row["version"]) == ("cancelled", 2)
     assert await db.fetchval("SELECT count(*) FROM order_events") == 2
@@ -81,6 +82,88 @@ async def test_an_older_change_never_overwrites_a_newer_one(
         raise AssertionError("the ledger let a version go backwards")
 
 
+ORDER_ROW = (
+    "SELECT o.id, o.sale_id, o.user_id, o.quantity, o.state, o.version, o.idempotency_key,"
+    " o.created_at, o.expires_at, o.updated_at, o.payment_intent_id, p.amount, p.currency,"
+    " p.order_state, p.order_version,"
+    " (SELECT array_agg((e.version, e.state, e.at) ORDER BY e.version)"
+    "  FROM order_events e WHERE e.order_id = o.id) AS events"
+    " FROM orders o LEFT JOIN payments p ON p.intent_id = o.payment_intent_id WHERE o.id = $1"
+)
+
+
+def at(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, UTC)
+
+
+async def test_the_ledger_keeps_every_value_of_every_change(
+    redis: Redis, db: asyncpg.Pool, ledger_sale: SaleFactory
+):
+    sale = await ledger_sale()
+    hold = await inventory.reserve(redis, sale.id, "al.ice+1@example.com", 2, "Key_1.a:b-c")
+    await inventory.attach_payment(redis, sale.id, hold.order_id, "pi_3Xy_z", "s", 3000, "usd")
+    entries = await redis.xrange(sale_keys(sale.id).outbox)
+    reserved, attached = (OrderChange.from_entry(sale.id, f) for _, f in entries)
+    assert (reserved.version, reserved.intent_id, reserved.amount) == (1, "", 0)
+    assert (attached.version, attached.intent_id, attached.amount) == (2, "pi_3Xy_z", 3000)
+    unpaid = replace(attached, version=1, at_ms=reserved.at_ms, intent_id="", amount=0, currency="")
+    assert unpaid == reserved  # the same order: only what attaching a payment changes differs
+    assert await drain_sale(redis, db, sale.id, "c", batch=10, claim_idle_ms=60_000) == 2
+    row = await db.fetchrow(ORDER_ROW, hold.order_id)
+    assert tuple(row.values()) == (
+        hold.order_id,
+        sale.id,
+        "al.ice+1@example.com",
+        2,
+        "reserved",
+        2,
+        "Key_1.a:b-c",
+        at(hold.created_ms),
+        at(hold.expires_ms),
+        at(attached.at_ms),
+        "pi_3Xy_z",
+        3000,
+        "usd",
+        "reserved",
+        2,
+        [(1, "reserved", at(hold.created_ms)), (2, "reserved", at(attached.at_ms))],
+    )
+
+
+async def test_entries_written_before_packing_are_still_delivered(
+    redis: Redis, db: asyncpg.Pool, ledger_sale: SaleFactory
+):
+    """An upgrade can find entries of the old shape (a field per value) in a stream."""
+    sale = await ledger_sale()
+    order_id, t = f"{sale.id}.00000000000000aa", 1_700_000_000_000
+    order = {"order": order_id, "user": "bob", "qty": 1, "created_ms": t, "expires_ms": t + 600}
+    outbox = sale_keys(sale.id).outbox
+    # As reserve wrote it, then as emit did (payment fields included).
+    await redis.xadd(outbox, order | {"state": "reserved", "version": 1, "at_ms": t, "idem": "k9"})
+    paid = {"state": "paid", "version": 2, "at_ms": t + 1, "idem": "k9", "pi": "pi_9"}
+    await redis.xadd(outbox, order | paid | {"amount": 1500, "currency": "usd"})
+    assert await drain_sale(redis, db, sale.id, "c", batch=10, claim_idle_ms=60_000) == 2
+    row = await db.fetchrow(ORDER_ROW, order_id)
+    assert tuple(row.values()) == (
+        order_id,
+        sale.id,
+        "bob",
+        1,
+        "paid",
+        2,
+        "k9",
+        at(t),
+        at(t + 600),
+        at(t + 1),
+        "pi_9",
+        1500,
+        "usd",
+        "paid",
+        2,
+        [(1, "reserved", at(t)), (2, "paid", at(t + 1))],
+    )
+
+
 async def test_entries_of_a_dead_consumer_are_claimed_once(
     redis: Redis, db: asyncpg.Pool, ledger_sale: SaleFactory
 ):
@@ -90,7 +173,7 @@ async def test_entries_of_a_dead_consumer_are_claimed_once(
     # A consumer reads a batch, commits it, and dies before XACK: the worst moment.
     reply = await redis.xreadgroup(OUTBOX_GROUP, "dead", {outbox: ">"}, count=150)
     read = reply[0][1]
-    await write_changes(db, [OrderChange.from_entry(sale.id, f) for _, f in read])
+    await write_changes(db, sale.id, [entry_change(f) for _, f in read])
 
     written = await drain_sale(redis, db, sale.id, "alive", batch=100, claim_idle_ms=60_000)
     assert written == len(accepted) - 150  # not claimable yet: the dead one may be slow

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from engine.keys import OUTBOX_GROUP, sale_keys
-from engine.ledger import OrderChange, write_changes
+from engine.ledger import entry_change, write_changes
 from engine.scripts import SCRIPTS
 
 __all__ = ["drain_sale"]
@@ -33,8 +33,8 @@ async def _write_and_ack(redis: Redis, db: asyncpg.Pool, sale_id: str, entries: 
     if not entries:
         return 0
     # Claimed entries may have been trimmed already (XAUTOCLAIM reports those as empty).
-    changes = [OrderChange.from_entry(sale_id, fields) for _, fields in entries if fields]
-    await write_changes(db, changes)
+    changes = [entry_change(fields) for _, fields in entries if fields]
+    await write_changes(db, sale_id, changes)
     # Only now, after the commit: if we die before this line, the entries stay pending and are
     # written again by whoever claims them.
     outbox = sale_keys(sale_id).outbox
