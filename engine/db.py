@@ -8,11 +8,11 @@ runs (two deploys at once) wait for each other instead of racing.
 from __future__ import annotations
 
 import re
-from importlib import resources
 
 import asyncpg
 from redis.asyncio import BlockingConnectionPool, Redis
 
+from engine.packaged import packaged
 from engine.settings import Settings
 
 __all__ = ["connect_postgres", "connect_redis", "migrate", "pending_migrations"]
@@ -46,7 +46,7 @@ async def connect_postgres(
 
 def _migrations() -> list[tuple[int, str, str]]:
     found = []
-    for entry in resources.files("engine.migrations").iterdir():
+    for entry in packaged("migrations").iterdir():
         match = _MIGRATION.fullmatch(entry.name)
         if match:
             found.append((int(match.group(1)), match.group(2), entry.read_text(encoding="utf-8")))

@@ -15,11 +15,12 @@ import secrets
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import orjson
+
+from engine.packaged import packaged
 
 __all__ = ["Phase", "Slice", "ensure_wrk", "run_phase", "run_slice", "wrk_script"]
 
@@ -48,7 +49,7 @@ def ensure_wrk() -> str:
 
 
 def wrk_script() -> Path:
-    return Path(str(resources.files("engine.loadtests").joinpath("wrk_orders.lua")))
+    return Path(str(packaged("loadtests").joinpath("wrk_orders.lua")))
 
 
 @dataclass

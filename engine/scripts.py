@@ -10,11 +10,12 @@ import hashlib
 import re
 from dataclasses import dataclass
 from enum import IntEnum
-from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
+
+from engine.packaged import packaged
 
 __all__ = ["SCRIPTS", "Code", "Script"]
 
@@ -70,7 +71,7 @@ _INCLUDE = re.compile(r"^--!include (\S+)$", re.MULTILINE)
 
 def _load_all() -> dict[str, Script]:
     """Every ``name-N.lua``, with its ``--!include file.lua`` lines replaced by ``includes/``."""
-    root = resources.files("engine.lua")
+    root = packaged("lua")
     scripts: dict[str, Script] = {}
     for entry in root.iterdir():
         if not entry.name.endswith(".lua"):
