@@ -54,8 +54,8 @@ async def _with_stores(fn: Callable[[Any, Any], Awaitable[T]]) -> T:
 # What `serve --app` can run; the bench's yardsticks are served by the very same uvicorn set-up.
 _SERVE_APPS = {
     "engine": "engine.asgi:create",
-    "ceiling": "engine.benchapps:create_ceiling",
-    "baseline": "engine.benchapps:create_baseline",
+    "ceiling": "engine.asgi:ceiling",
+    "baseline": "engine.asgi:baseline",
 }
 
 
