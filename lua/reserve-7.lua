@@ -43,7 +43,10 @@ if not sale[1] then
   return {-1}
 end
 
-local record = rcall('GET', KEYS[7])
+-- The idempotency record and the stock in one call (each redis.call costs ~2-3 us of script
+-- glue; reading the stock early changes nothing, it is only used after the other checks).
+local record_and_stock = rcall('MGET', KEYS[7], KEYS[2])
+local record = record_and_stock[1]
 if record then
   local fingerprint, order_id, qty, created, expires =
     string.match(record, '^([^|]*)|([^|]*)|([^|]*)|([^|]*)|([^|]*)$')
@@ -85,7 +88,7 @@ if has + qty > limit then
   return {-8, limit, has}
 end
 
-local stock = tonumber(rcall('GET', KEYS[2]) or '0')
+local stock = tonumber(record_and_stock[2] or '0')
 if stock < qty then
   return {-9, stock}
 end
