@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import jwt
 import pytest
 from redis.asyncio import Redis
 
+from engine import asgi
 from engine.cli import build_parser
 from engine.db import migrate
 from engine.keys import sale_keys
@@ -121,3 +123,18 @@ def test_production_without_a_key_exits_2(settings: Settings):
         [sys.executable, "-m", "engine.cli", "migrate"], env=env, capture_output=True, text=True
     )
     assert result.returncode == 2 and "JWT" in result.stderr
+
+
+@pytest.mark.parametrize("factory", ["create", "ceiling", "baseline"])
+def test_every_server_factory_freezes_its_start_up_heap(
+    factory: str, settings: Settings, monkeypatch: pytest.MonkeyPatch
+):
+    """`flashsale serve` builds each app through engine.asgi, which freezes what is alive then."""
+    for name, value in settings.as_env().items():
+        monkeypatch.setenv(name, value)
+    gc.unfreeze()
+    try:
+        app = getattr(asgi, factory)()
+        assert app is not None and gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
