@@ -88,10 +88,9 @@ class OrderChange:
         )
 
 
-# One statement, so one round trip per batch: events first (a CTE), then the orders upsert
-# whose WHERE keeps a newer version from ever being overwritten by an older one.
-_WRITE = """
-WITH incoming AS (
+# The changes of a batch as rows, and the payments upsert: shared by _WRITE and _WRITE_NEW.
+_INCOMING = """
+incoming AS (
     -- The changes arrive packed as the outbox carries them and are split here (chr(31) is
     -- _SEP). Worker CPU per entry, 30,000 entries: 12 values per entry as 12 arrays ~16 µs,
     -- split in Python ~11 µs, split here ~4.5 µs; Postgres's CPU the same within noise.
@@ -109,11 +108,9 @@ WITH incoming AS (
            split_part(c, chr(31), 11) AS currency,
            split_part(c, chr(31), 12) AS idempotency_key
     FROM unnest($2::text[]) AS c
-), events AS (
-    INSERT INTO order_events (order_id, version, state, at)
-    SELECT id, version, state, at FROM incoming
-    ON CONFLICT DO NOTHING
-), payments AS (
+)"""
+_PAYMENTS = """
+payments AS (
     INSERT INTO payments AS p (intent_id, order_id, amount, currency, order_state,
                                order_version, updated_at)
     SELECT DISTINCT ON (intent_id) intent_id, id, amount, currency, state, version, at
@@ -123,12 +120,18 @@ WITH incoming AS (
         SET order_state = EXCLUDED.order_state, order_version = EXCLUDED.order_version,
             updated_at = EXCLUDED.updated_at
         WHERE p.order_version < EXCLUDED.order_version
-)
+)"""
+
+
+def _upsert_orders(where: str) -> str:
+    """Each order's newest change of the batch (among those ``where`` selects), written unless
+    the ledger already has that version or a newer one."""
+    return f"""
 INSERT INTO orders AS o (id, sale_id, user_id, quantity, state, version, idempotency_key,
                          created_at, expires_at, updated_at, payment_intent_id)
 SELECT DISTINCT ON (id) id, $1::text, user_id, quantity, state, version,
        nullif(idempotency_key, ''), created_at, expires_at, at, nullif(intent_id, '')
-FROM incoming
+FROM incoming {where}
 ORDER BY id, version DESC
 ON CONFLICT (id) DO UPDATE
     SET state = EXCLUDED.state, version = EXCLUDED.version, updated_at = EXCLUDED.updated_at,
@@ -137,14 +140,67 @@ ON CONFLICT (id) DO UPDATE
 """
 
 
+# One statement, so one round trip per batch: events first (a CTE), then the orders upsert
+# whose WHERE keeps a newer version from ever being overwritten by an older one. Right for any
+# batch, replayed or not.
+_WRITE = f"""
+WITH {_INCOMING}, events AS (
+    INSERT INTO order_events (order_id, version, state, at)
+    SELECT id, version, state, at FROM incoming
+    ON CONFLICT DO NOTHING
+), {_PAYMENTS}
+{_upsert_orders("")}"""
+
+# The common case, a batch the ledger has never seen (nearly all brand-new orders at version 1),
+# without ON CONFLICT's speculative insertion where it can: plain INSERTs of every event and of
+# each order whose only change in the batch is version 1; the upsert only for orders at a later
+# version. The two orders INSERTs take disjoint ids, so neither meets a row the other wrote. Any
+# row already in the ledger (a replay) is a unique violation, which undoes the whole statement,
+# and write_changes runs _WRITE instead. Postgres CPU per order, 9 rounds of 30,000 in batches of
+# 1,000, in rotation with _WRITE: new orders 18.7 against 23.3 µs (median of paired ratios 0.81),
+# 900 new + 100 paid per batch 21.4 against 25.8 (0.83); a full replay costs 1.40x _WRITE's
+# (15.7 against 10.7). Drain CPU the same (1.1 µs) but on replays (+0.9). Splitting each change
+# once with string_to_array instead of split_part was slower (0.87, 0.90).
+_WRITE_NEW = f"""
+WITH {_INCOMING}, events AS (
+    INSERT INTO order_events (order_id, version, state, at)
+    SELECT id, version, state, at FROM incoming
+), {_PAYMENTS}, later AS ({_upsert_orders("WHERE version > 1")})
+INSERT INTO orders (id, sale_id, user_id, quantity, state, version, idempotency_key, created_at,
+                    expires_at, updated_at, payment_intent_id)
+SELECT id, $1::text, user_id, quantity, state, version, nullif(idempotency_key, ''), created_at,
+       expires_at, at, nullif(intent_id, '')
+FROM incoming
+WHERE version = 1 AND id NOT IN (SELECT id FROM incoming WHERE version > 1)
+"""
+
+
 async def write_changes(
     conn: asyncpg.Connection | asyncpg.Pool, sale_id: str, changes: Sequence[str]
 ) -> None:
     """Write one sale's changes, packed as the outbox carries them (``entry_change``,
-    ``pack_change``), in one statement."""
+    ``pack_change``): one statement, two when some of them are in the ledger already."""
     if not changes:
         return
-    await conn.execute(_WRITE, sale_id, changes)
+    if isinstance(conn, asyncpg.Pool):
+        async with conn.acquire() as acquired:
+            await _write(acquired, sale_id, changes)
+    else:
+        await _write(conn, sale_id, changes)
+
+
+async def _write(conn: asyncpg.Connection, sale_id: str, changes: Sequence[str]) -> None:
+    try:
+        if conn.is_in_transaction():
+            # A failed statement would abort the caller's transaction: try inside a savepoint.
+            async with conn.transaction():
+                await conn.execute(_WRITE_NEW, sale_id, changes)
+        else:
+            await conn.execute(_WRITE_NEW, sale_id, changes)
+    except asyncpg.UniqueViolationError:
+        # Some of it is in the ledger already (a replay, or a claim racing a slow worker): the
+        # failed statement left nothing behind, so write it all the general way.
+        await conn.execute(_WRITE, sale_id, changes)
 
 
 async def count_orders(conn: asyncpg.Connection | asyncpg.Pool, sale_id: str) -> dict[str, int]:
