@@ -17,6 +17,7 @@ from engine import inventory
 from engine.app import create_app
 from engine.keys import sale_keys
 from engine.orderpath import OrderRoute
+from engine.scripts import SCRIPTS
 from engine.settings import Settings
 from tests.conftest import SaleFactory
 from tests.test_app import assert_problem, auth, place
@@ -52,6 +53,14 @@ async def test_view_contract(redis: Redis, redis_sale: SaleFactory):
 
     await inventory.set_status(redis, sale.id, "paused")
     assert await inventory.sold_out_view(redis, sale.id, -1, 100) is None
+
+
+async def test_view_reloads_after_script_flush(redis: Redis, redis_sale: SaleFactory):
+    sale = await redis_sale(stock=0)
+    await redis.script_flush()
+    view = await inventory.sold_out_view(redis, sale.id, -1, 100)
+    assert view is not None and view.shoppers == 0
+    assert await redis.script_exists(SCRIPTS["sold_out_view"].sha) == [True]
 
 
 async def test_view_refuses_outside_the_window(redis: Redis, redis_sale: SaleFactory):
