@@ -21,7 +21,9 @@ close is seen as late. With several server processes there is one more corner: a
 takes a returned unit through another process and replays through this one inside that same
 window hears "sold out" instead of the replay. ``FLASHSALE_SOLD_OUT_REFRESH_MS=0`` turns all of
 this off. A view older than three refreshes (a stalled loop, an unreachable Redis) is not
-used, and a sale nobody asked about for ``IDLE_S`` is forgotten.
+used, a sale nobody asked about for ``IDLE_S`` is forgotten, and after a watch ends the sale
+rests ``REST_S`` before the next (so a sale with too many buyers to list, or one whose stock
+keeps coming back, costs one view read per rest, not one per sold-out answer).
 
 Measured (``flashsale bench``, one uvicorn process, 64 connections): see the README's
 benchmark section for the sold-out phase before and after.
@@ -47,6 +49,9 @@ IDLE_S = 10.0
 # Above this many past buyers the view is not kept: listing them (HKEYS) would hold Redis
 # for longer than the round trips it saves are worth.
 MAX_SHOPPERS = 100_000
+# After a watch ends (stock back, sale paused, too many buyers), this long before another:
+# otherwise every sold-out answer from Redis would start one and cost a second script call.
+REST_S = 1.0
 
 
 @dataclass(slots=True)
@@ -66,6 +71,7 @@ class SoldOutMemory:
         self._refresh_s = refresh_s
         self._sales: dict[str, _Memory] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._resting: dict[str, float] = {}  # sale -> when it may be watched again
 
     def answers(self, sale_id: str, user: str, quantity: int) -> bool:
         """True when the order can be told "sold out" without asking Redis."""
@@ -87,7 +93,9 @@ class SoldOutMemory:
 
     def sold_out(self, sale_id: str) -> None:
         """``reserve`` just found no stock at all in the sale: start watching it."""
-        if self._refresh_s > 0 and sale_id not in self._watchers:
+        if self._refresh_s <= 0 or sale_id in self._watchers:
+            return
+        if time.monotonic() >= self._resting.get(sale_id, 0.0):
             task = asyncio.get_running_loop().create_task(self._watch(sale_id))
             self._watchers[sale_id] = task
 
@@ -125,6 +133,7 @@ class SoldOutMemory:
         finally:
             self._sales.pop(sale_id, None)
             self._watchers.pop(sale_id, None)
+            self._resting[sale_id] = time.monotonic() + REST_S
 
     async def aclose(self) -> None:
         watchers = list(self._watchers.values())

@@ -13,7 +13,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from engine import inventory
+from engine import inventory, soldout
 from engine.app import create_app
 from engine.keys import sale_keys
 from engine.orderpath import OrderRoute
@@ -185,12 +185,38 @@ async def test_stock_coming_back_or_a_pause_is_seen_within_refreshes(
     taken = await place(client, settings, sale, quantity=2, key="d1", user="dave")
     assert taken.status_code == 201
 
-    # Sold out again; now a pause: within a few refreshes the shopper hears "paused".
+    # Sold out again. A watch that ended rests REST_S; the next sold-out from Redis after that
+    # starts one again.
     assert_problem(await place(client, settings, sale, key="e1", user="erin"), 409, "sold-out")
+    assert not route.sold_out.answers(sale.id, "newcomer", 1)
+    await asyncio.sleep(soldout.REST_S)
+    assert_problem(await place(client, settings, sale, key="e2", user="eve"), 409, "sold-out")
     await until(lambda: route.sold_out.answers(sale.id, "newcomer", 1))
+    # Now a pause: within a few refreshes the shopper hears "paused".
     await inventory.set_status(redis, sale.id, "paused")
     await until(lambda: not route.sold_out.answers(sale.id, "newcomer", 1), timeout_s=0.5)
     assert_problem(await place(client, settings, sale, key="f1", user="fay"), 403, "sale-paused")
+
+
+async def test_a_sale_with_too_many_buyers_to_list_costs_one_view_read_per_rest(
+    app_and_client: tuple[OrderRoute, httpx.AsyncClient],
+    settings: Settings,
+    redis: Redis,
+    redis_sale: SaleFactory,
+    monkeypatch: pytest.MonkeyPatch,
+):
+    route, client = app_and_client
+    monkeypatch.setattr(soldout, "MAX_SHOPPERS", 1)
+    sale = await redis_sale(stock=2, per_user_limit=1, per_order_max=1)
+    for user in ("alice", "bob"):
+        assert (await place(client, settings, sale, key="k", user=user)).status_code == 201
+    calls = await reserve_calls(redis)
+    for i in range(30):
+        answer = await place(client, settings, sale, key=f"n{i}", user=f"newcomer-{i}")
+        assert_problem(answer, 409, "sold-out")
+    # 30 reserves and one view read that found too many buyers; not one read per answer.
+    assert await reserve_calls(redis) - calls <= 32
+    assert not route.sold_out.answers(sale.id, "newcomer", 1)
 
 
 async def test_turned_off_with_a_zero_refresh(
