@@ -86,7 +86,10 @@ async def drain_outboxes(ctx: dict[str, Any]) -> int:
             return written
         empty_passes = 0 if this_pass else empty_passes + 1
         if this_pass < settings.drain_batch:
-            await asyncio.sleep(POLL_S * 2 ** min(empty_passes, IDLE_DOUBLINGS))
+            # Never past the window: the next tick's job (same consumer) would otherwise start
+            # while this one still runs and re-write its in-flight entries in its recovery pass.
+            pause = POLL_S * 2 ** min(empty_passes, IDLE_DOUBLINGS)
+            await asyncio.sleep(max(0.0, min(pause, deadline - time.monotonic())))
 
 
 async def _each_sale(ctx: dict[str, Any], job: str, work: Callable[[str], Awaitable[int]]) -> int:
