@@ -63,6 +63,7 @@ WORKER_JOBS = "drain_outboxes,expire_holds"
 # ceiling comes last, farthest from any drain the engine's slice set off.
 PHASE_ORDER = ("engine", "sold_out", "baseline", "ceiling")
 SERVER_APPS = ("ceiling", "engine", "baseline")
+SOLD_OUT_REFRESH_MS = 50
 
 
 @dataclass
@@ -282,6 +283,8 @@ async def _bench(options: BenchOptions) -> dict[str, Any]:
         jwt_secret=secrets.token_urlsafe(32),
         server_workers=options.server_workers,
         hold_seconds=3600,
+        # Sold-out answers from memory (engine.soldout): exact with one server process.
+        sold_out_refresh_ms=SOLD_OUT_REFRESH_MS,
     )
     await migrate(settings.database_url)
     options.out.mkdir(parents=True, exist_ok=True)
@@ -449,6 +452,7 @@ def _report(
             + ", ".join(PHASE_ORDER),
             "server_workers": options.server_workers,
             "appendfsync": options.appendfsync,
+            "sold_out_refresh_ms": settings.sold_out_refresh_ms,
             "redis_pool_size": settings.redis_pool_size,
             "drain_batch": settings.drain_batch,
             "sales": ids,

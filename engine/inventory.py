@@ -131,16 +131,19 @@ class SoldOutView:
     per_order_max: int
     per_user_limit: int
     shoppers: int  # how many shoppers ever held a unit
-    names: list[str] | None  # all of them, or None when the caller's count was still right
+    fingerprint: str  # the outbox's last id: the same means the same shoppers
+    names: list[str] | None  # all of them, or None when the caller's fingerprint still holds
 
 
 async def sold_out_view(
-    redis: Redis, sale_id: str, known_shoppers: int, max_shoppers: int
+    redis: Redis, sale_id: str, known_fingerprint: str, max_shoppers: int
 ) -> SoldOutView | None:
     """The sale's sold-out view, or None when it is not for a server to answer by itself."""
     keys = sale_keys(sale_id)
     reply = await _sold_out_view(
-        redis, [keys.sale, keys.stock, keys.users], [known_shoppers, max_shoppers]
+        redis,
+        [keys.sale, keys.stock, keys.users, keys.outbox],
+        [known_fingerprint, max_shoppers],
     )
     if Code(reply[0]) is not Code.OK:
         return None
@@ -150,7 +153,8 @@ async def sold_out_view(
         per_order_max=reply[3],
         per_user_limit=reply[4],
         shoppers=reply[5],
-        names=reply[6],
+        fingerprint=reply[6],
+        names=reply[7],
     )
 
 

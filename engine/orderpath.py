@@ -193,6 +193,7 @@ class OrderRoute:
             if exc.code == "sold-out" and exc.extra["available"] == 0:
                 self.sold_out.sold_out(sale_id)
             raise
+        self.sold_out.bought(sale_id, user)
         answer = orjson.dumps(
             order_body(
                 hold.order_id,

@@ -7,8 +7,11 @@ re-reads it every ``refresh_s``. While that view is fresh, an order is answered 
 very answer ``reserve`` would give (409 ``sold-out``, ``available: 0``), when:
 
 - the shopper never held a unit of the sale. Idempotency records are written only with a
-  hold, and the view lists every shopper who ever held one (``users`` keeps them at 0), so
-  this request cannot be a replay owed its first answer;
+  hold, and the view lists every shopper who ever held one (``users`` keeps them at 0; a sale
+  first loaded by a version that still removed them is never answered here), plus those this
+  process gave a hold to since the watch began (a view read already on its way when their
+  reserve ran after it cannot list them). So this request cannot be a replay owed its first
+  answer;
 - the quantity is within the sale's per-order maximum and per-user limit, so ``reserve``
   would pass those checks (a newcomer holds nothing) and stop at the stock;
 - the view said open and inside the window, and the sale's end has not come.
@@ -17,16 +20,19 @@ Everyone else (a past buyer, who may be replaying; a bigger quantity) goes to Re
 
 What it costs: stock that comes back (a cancel, an expired hold) is seen at the next read, so
 for up to ``refresh_s`` newcomers hear "sold out" as if someone had been faster; a pause or a
-close is seen as late. With several server processes there is one more corner: a newcomer who
-takes a returned unit through another process and replays through this one inside that same
-window hears "sold out" instead of the replay. ``FLASHSALE_SOLD_OUT_REFRESH_MS=0`` turns all of
-this off. A view older than three refreshes (a stalled loop, an unreachable Redis) is not
-used, a sale nobody asked about for ``IDLE_S`` is forgotten, and after a watch ends the sale
-rests ``REST_S`` before the next (so a sale with too many buyers to list, or one whose stock
-keeps coming back, costs one view read per rest, not one per sold-out answer).
+close is seen as late. With one server process in front of a sale that is all. With several
+there is one more corner, and it breaks DESIGN's "a replay returns the first answer": a
+newcomer who takes a returned unit through another process and replays through this one
+inside that same window hears "sold out" instead of the replay. So it is off unless
+``FLASHSALE_SOLD_OUT_REFRESH_MS`` is set (``flashsale bench`` sets 50).
 
-Measured (``flashsale bench``, one uvicorn process, 64 connections): see the README's
-benchmark section for the sold-out phase before and after.
+A view older than three refreshes (a stalled loop, an unreachable Redis) is not used, a sale
+nobody asked about for ``IDLE_S`` is forgotten, and after a watch ends the sale rests
+``REST_S`` before the next (so a sale with too many buyers to list, or one whose stock keeps
+coming back, costs one view read per rest, not one per sold-out answer).
+
+Measured (``flashsale bench``, one uvicorn process, 64 connections): sold-out answers went
+from 0.81 to 1.24-1.41 of the ceiling's throughput.
 """
 
 from __future__ import annotations
@@ -72,6 +78,10 @@ class SoldOutMemory:
         self._sales: dict[str, _Memory] = {}
         self._watchers: dict[str, asyncio.Task[None]] = {}
         self._resting: dict[str, float] = {}  # sale -> when it may be watched again
+        # Shoppers this process placed an order for while it watched the sale: a view read that
+        # was on its way to Redis as their reserve ran after it may not list them.
+        self._bought_here: dict[str, set[str]] = {}
+        self._closed = False
 
     def answers(self, sale_id: str, user: str, quantity: int) -> bool:
         """True when the order can be told "sold out" without asking Redis."""
@@ -86,14 +96,20 @@ class SoldOutMemory:
             or quantity > view.per_order_max
             or quantity > view.per_user_limit
             or user in memory.buyers
+            or user in self._bought_here.get(sale_id, ())
         ):
             return False
         memory.used_at = now
         return True
 
+    def bought(self, sale_id: str, user: str) -> None:
+        """``reserve`` just gave ``user`` a hold in the sale."""
+        if sale_id in self._watchers:
+            self._bought_here.setdefault(sale_id, set()).add(user)
+
     def sold_out(self, sale_id: str) -> None:
         """``reserve`` just found no stock at all in the sale: start watching it."""
-        if self._refresh_s <= 0 or sale_id in self._watchers:
+        if self._closed or self._refresh_s <= 0 or sale_id in self._watchers:
             return
         if time.monotonic() >= self._resting.get(sale_id, 0.0):
             task = asyncio.get_running_loop().create_task(self._watch(sale_id))
@@ -106,15 +122,20 @@ class SoldOutMemory:
                 asked = time.monotonic()
                 if memory is not None and asked - memory.used_at > IDLE_S:
                     return
-                known = memory.view.shoppers if memory is not None else -1
-                view = await sold_out_view(self._store, sale_id, known, MAX_SHOPPERS)
+                known = memory.view.fingerprint if memory is not None else ""
+                # A read that hangs must not pin the sale: past the view's freshness it is no
+                # use anyway.
+                view = await asyncio.wait_for(
+                    sold_out_view(self._store, sale_id, known, MAX_SHOPPERS),
+                    timeout=3 * self._refresh_s,
+                )
                 if view is None:
                     return  # stock is back, or the sale is not open: reserve decides again
                 if view.names is not None:
                     buyers = frozenset(view.names)
                 elif memory is not None:
                     buyers = memory.buyers
-                else:  # cannot happen: a first read (known = -1) always lists them
+                else:  # cannot happen: a first read (no fingerprint) always lists them
                     return
                 memory = _Memory(
                     view=view,
@@ -133,9 +154,11 @@ class SoldOutMemory:
         finally:
             self._sales.pop(sale_id, None)
             self._watchers.pop(sale_id, None)
+            self._bought_here.pop(sale_id, None)
             self._resting[sale_id] = time.monotonic() + REST_S
 
     async def aclose(self) -> None:
+        self._closed = True
         watchers = list(self._watchers.values())
         for task in watchers:
             task.cancel()

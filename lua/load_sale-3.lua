@@ -10,6 +10,10 @@
   ARGV[3..] field, value, field, value ... (id, status, start_ms, end_ms, price, currency,
             per_user_limit, per_order_max, hold_ms, name)
 
+  A first load also sets buyers_kept = 1: this version's scripts never remove a shopper from the
+  users hash, so sold_out_view may trust it to list every past buyer (a sale first loaded by an
+  older version may have lost some, and is never answered from memory).
+
   Returns {code}:
      1 LOADED    first load: stock set, counters zeroed, consumer group created
      4 UPDATED   already loaded: definition fields replaced, counters untouched
@@ -34,7 +38,8 @@ if rcall('EXISTS', KEYS[1]) == 1 then
   return {4}
 end
 
-rcall('HSET', KEYS[1], 'initial_stock', ARGV[2], 'held', 0, 'sold', 0, unpack(fields))
+rcall('HSET', KEYS[1], 'initial_stock', ARGV[2], 'held', 0, 'sold', 0, 'buyers_kept', 1,
+      unpack(fields))
 rcall('SET', KEYS[2], ARGV[2])
 -- Group from id 0 so not one entry written before the first worker starts is skipped.
 pcall(rcall, 'XGROUP', 'CREATE', KEYS[3], ARGV[1], '0', 'MKSTREAM')

@@ -19,46 +19,64 @@ from engine.keys import sale_keys
 from engine.orderpath import OrderRoute
 from engine.scripts import SCRIPTS
 from engine.settings import Settings
+from engine.soldout import SoldOutMemory
 from tests.conftest import SaleFactory
 from tests.test_app import assert_problem, auth, place
 from tests.test_scripts import snapshot
+
+REFRESH_MS = 50
 
 # --- the sold_out_view script ----------------------------------------------------------------
 
 
 async def test_view_contract(redis: Redis, redis_sale: SaleFactory):
     sale = await redis_sale(stock=3, per_user_limit=2, per_order_max=2)
-    assert await inventory.sold_out_view(redis, "nope", -1, 100) is None
-    assert await inventory.sold_out_view(redis, sale.id, -1, 100) is None  # stock left
+    assert await inventory.sold_out_view(redis, "nope", "", 100) is None
+    assert await inventory.sold_out_view(redis, sale.id, "", 100) is None  # stock left
 
     await inventory.reserve(redis, sale.id, "alice", 2, "k1")
     held = await inventory.reserve(redis, sale.id, "bob", 1, "k1")
     before = await snapshot(redis)
-    view = await inventory.sold_out_view(redis, sale.id, -1, 100)
+    view = await inventory.sold_out_view(redis, sale.id, "", 100)
     assert view is not None and sorted(view.names or []) == ["alice", "bob"]
     assert (view.shoppers, view.per_order_max, view.per_user_limit) == (2, 2, 2)
     assert view.end_ms == sale.end_ms and abs(view.now_ms - time.time() * 1000) < 5_000
-    again = await inventory.sold_out_view(redis, sale.id, 2, 100)
-    assert again is not None and again.names is None  # same count: the caller's list holds
-    assert await inventory.sold_out_view(redis, sale.id, 2, 1) is None  # too many to list
+    again = await inventory.sold_out_view(redis, sale.id, view.fingerprint, 100)
+    assert again is not None and again.names is None  # nothing appended: the list holds
+    assert await inventory.sold_out_view(redis, sale.id, "", 1) is None  # too many to list
     assert await snapshot(redis) == before  # read-only
 
     # Bob gives his unit back: stock is back, no view; he stays listed at 0.
     await inventory.release(redis, sale.id, held.order_id, "cancelled")
-    assert await inventory.sold_out_view(redis, sale.id, 2, 100) is None
+    assert await inventory.sold_out_view(redis, sale.id, view.fingerprint, 100) is None
     assert await redis.hget(sale_keys(sale.id).users, "bob") == "0"
+    # An older version's release removed the shopper: the count stays 2 when Carol buys, but
+    # the outbox moved on, so the caller gets the new list.
+    await redis.hdel(sale_keys(sale.id).users, "bob")
     await inventory.reserve(redis, sale.id, "carol", 1, "k1")
-    view = await inventory.sold_out_view(redis, sale.id, 2, 100)
-    assert view is not None and sorted(view.names or []) == ["alice", "bob", "carol"]
+    again = await inventory.sold_out_view(redis, sale.id, view.fingerprint, 100)
+    assert again is not None and again.shoppers == 2
+    assert sorted(again.names or []) == ["alice", "carol"]
 
     await inventory.set_status(redis, sale.id, "paused")
-    assert await inventory.sold_out_view(redis, sale.id, -1, 100) is None
+    assert await inventory.sold_out_view(redis, sale.id, "", 100) is None
+
+
+async def test_view_refuses_a_sale_loaded_before_buyers_were_kept(
+    redis: Redis, redis_sale: SaleFactory
+):
+    sale = await redis_sale(stock=0)
+    assert await inventory.sold_out_view(redis, sale.id, "", 100) is not None
+    await redis.hdel(sale_keys(sale.id).sale, "buyers_kept")  # as an older version loaded it
+    assert await inventory.sold_out_view(redis, sale.id, "", 100) is None
+    await inventory.load_sale(redis, sale)  # loading again does not vouch for its past
+    assert await inventory.sold_out_view(redis, sale.id, "", 100) is None
 
 
 async def test_view_reloads_after_script_flush(redis: Redis, redis_sale: SaleFactory):
     sale = await redis_sale(stock=0)
     await redis.script_flush()
-    view = await inventory.sold_out_view(redis, sale.id, -1, 100)
+    view = await inventory.sold_out_view(redis, sale.id, "", 100)
     assert view is not None and view.shoppers == 0
     assert await redis.script_exists(SCRIPTS["sold_out_view"].sha) == [True]
 
@@ -66,11 +84,11 @@ async def test_view_reloads_after_script_flush(redis: Redis, redis_sale: SaleFac
 async def test_view_refuses_outside_the_window(redis: Redis, redis_sale: SaleFactory):
     now_ms = int(time.time() * 1000)
     sale = await redis_sale(stock=0, start_ms=now_ms - 60_000, end_ms=now_ms - 1)
-    assert await inventory.sold_out_view(redis, sale.id, -1, 100) is None
+    assert await inventory.sold_out_view(redis, sale.id, "", 100) is None
     sale = await redis_sale(stock=0, start_ms=now_ms + 60_000, end_ms=now_ms + 120_000)
-    assert await inventory.sold_out_view(redis, sale.id, -1, 100) is None
+    assert await inventory.sold_out_view(redis, sale.id, "", 100) is None
     sale = await redis_sale(stock=0)
-    view = await inventory.sold_out_view(redis, sale.id, -1, 100)
+    view = await inventory.sold_out_view(redis, sale.id, "", 100)
     assert view is not None and view.names == [] and view.shoppers == 0
 
 
@@ -81,7 +99,7 @@ async def test_view_refuses_outside_the_window(redis: Redis, redis_sale: SaleFac
 async def app_and_client(
     settings: Settings, redis: Redis
 ) -> AsyncIterator[tuple[OrderRoute, httpx.AsyncClient]]:
-    app = create_app(settings, redis)
+    app = create_app(replace(settings, sold_out_refresh_ms=REFRESH_MS), redis)
     transport = httpx.ASGITransport(app=app)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
@@ -130,7 +148,7 @@ async def test_newcomers_are_answered_without_redis(
     # The same bytes as Redis's answer, and no reserve call: only the view's re-reads, one per
     # refresh interval, reached Redis meanwhile.
     assert all(a.status_code == 409 and a.json() == from_redis for a in answers)
-    refreshes = elapsed / (settings.sold_out_refresh_ms / 1000) + 2
+    refreshes = elapsed / (REFRESH_MS / 1000) + 2
     assert await reserve_calls(redis) - calls <= refreshes < 300
 
     # A quantity beyond the per-order maximum is not the memory's to answer: Redis says why.
@@ -198,6 +216,24 @@ async def test_stock_coming_back_or_a_pause_is_seen_within_refreshes(
     assert_problem(await place(client, settings, sale, key="f1", user="fay"), 403, "sale-paused")
 
 
+async def test_shoppers_given_a_hold_during_a_watch_are_never_answered_from_memory(
+    redis: Redis, redis_sale: SaleFactory
+):
+    """A view read can leave before a reserve that runs after it in Redis: the memory must not
+    trust that view for the shopper the reserve served."""
+    sale = await redis_sale(stock=0)
+    memory = SoldOutMemory(redis, REFRESH_MS / 1000)
+    memory.bought(sale.id, "early")  # not watching yet: any later view lists them anyway
+    memory.sold_out(sale.id)
+    memory.bought(sale.id, "racer")
+    await until(lambda: memory.answers(sale.id, "newcomer", 1))
+    assert not memory.answers(sale.id, "racer", 1)
+    assert memory.answers(sale.id, "early", 1)  # never held a unit: Redis's view says so
+    await memory.aclose()
+    memory.sold_out(sale.id)  # closed: starts nothing
+    assert not memory.answers(sale.id, "newcomer", 1)
+
+
 async def test_a_sale_with_too_many_buyers_to_list_costs_one_view_read_per_rest(
     app_and_client: tuple[OrderRoute, httpx.AsyncClient],
     settings: Settings,
@@ -219,10 +255,9 @@ async def test_a_sale_with_too_many_buyers_to_list_costs_one_view_read_per_rest(
     assert not route.sold_out.answers(sale.id, "newcomer", 1)
 
 
-async def test_turned_off_with_a_zero_refresh(
-    settings: Settings, redis: Redis, redis_sale: SaleFactory
-):
-    off = replace(settings, sold_out_refresh_ms=0)
+async def test_off_by_default(settings: Settings, redis: Redis, redis_sale: SaleFactory):
+    off = settings
+    assert Settings().sold_out_refresh_ms == 0 and off.sold_out_refresh_ms == 0
     app = create_app(off, redis)
     transport = httpx.ASGITransport(app=app)
     sale = await redis_sale(stock=1, per_user_limit=1, per_order_max=1)
