@@ -37,7 +37,7 @@ from engine import localservices
 from engine.auth import mint_tokens
 from engine.benchapps import baseline_counts, prepare_baseline
 from engine.benchreport import profile_summary, write_report
-from engine.cpumeter import CpuMeter, children_of
+from engine.cpumeter import CpuMeter, children_of, postmaster_and_backends, processes_s
 from engine.db import connect_postgres, connect_redis, migrate
 from engine.demo import start_process, stop_process, wait_ready
 from engine.invariants import SaleAudit, audit_sale, outbox_backlog, wait_for_ledger
@@ -211,19 +211,19 @@ def _meter(services_dir: Path, servers: Servers) -> CpuMeter:
     recorded = json.loads((services_dir / "services.json").read_text())
     redis_pid, pg_pid = recorded["redis"]["pid"], recorded["postgres"]["pid"]
 
-    def process(name: str) -> Callable[[], list[int]]:
-        def pids() -> list[int]:
+    def process(name: str) -> Callable[[], float]:
+        def seconds() -> float:
             proc = servers.procs.get(name)
-            return [proc.pid, *children_of(proc.pid)] if proc is not None else []
+            return processes_s([proc.pid, *children_of(proc.pid)]) if proc is not None else 0.0
 
-        return pids
+        return seconds
 
     return CpuMeter(
         {
             **{f"{app} server": process(app) for app in SERVER_APPS},
             "drain worker": process("worker"),
-            "redis": lambda: [redis_pid] if redis_pid else [],
-            "postgres": lambda: [pg_pid, *children_of(pg_pid)] if pg_pid else [],
+            "redis": lambda: processes_s([redis_pid]) if redis_pid else 0.0,
+            "postgres": lambda: postmaster_and_backends(pg_pid) if pg_pid else 0.0,
         }
     )
 

@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["CpuMeter", "children_of"]
+__all__ = ["CpuMeter", "children_of", "postmaster_and_backends", "processes_s"]
 
 _TICK = os.sysconf("SC_CLK_TCK")
 LOAD_GENERATOR = "wrk"
@@ -35,6 +35,13 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / _TICK if fields else 0.0
 
 
+def _with_reaped_s(pid: int) -> float:
+    """``pid``'s CPU plus that of its children it has waited for (cutime, cstime): a Postgres
+    backend that exits mid-phase moves its CPU into its postmaster's, so the sum holds."""
+    fields = _stat(pid)
+    return sum(int(f) for f in fields[11:15]) / _TICK if fields else 0.0
+
+
 def children_of(parent: int) -> list[int]:
     """Live processes whose parent is ``parent`` (Postgres's backends of its postmaster)."""
     found = []
@@ -47,19 +54,30 @@ def children_of(parent: int) -> list[int]:
 def _machine_busy_s() -> float:
     with open("/proc/stat") as f:
         values = [int(v) for v in f.readline().split()[1:]]
-    idle = values[3] + values[4]  # idle + iowait
-    return (sum(values[:8]) - idle) / _TICK
+    # user, nice, system, irq, softirq: not idle, iowait, or steal (time the hypervisor gave
+    # to other guests).
+    return (values[0] + values[1] + values[2] + values[5] + values[6]) / _TICK
+
+
+def processes_s(pids: list[int]) -> float:
+    """CPU seconds of these live processes."""
+    return sum(_cpu_s(pid) for pid in pids)
+
+
+def postmaster_and_backends(postmaster: int) -> float:
+    """CPU seconds of a Postgres server: its postmaster, live backends and exited ones."""
+    return _with_reaped_s(postmaster) + sum(_cpu_s(pid) for pid in children_of(postmaster))
 
 
 class CpuMeter:
-    """CPU seconds used so far by named groups of processes, plus this process's reaped
-    children (the wrk runs) and the whole machine."""
+    """CPU seconds used so far by named groups of processes (each group a function that reads
+    its own), plus this process's reaped children (the wrk runs) and the whole machine."""
 
-    def __init__(self, groups: dict[str, Callable[[], list[int]]]) -> None:
+    def __init__(self, groups: dict[str, Callable[[], float]]) -> None:
         self.groups = groups
 
     def read(self) -> dict[str, float]:
-        used = {name: sum(_cpu_s(pid) for pid in pids()) for name, pids in self.groups.items()}
+        used = {name: seconds() for name, seconds in self.groups.items()}
         mine = os.times()
         used[LOAD_GENERATOR] = mine.children_user + mine.children_system
         used[MACHINE] = _machine_busy_s()
