@@ -1,7 +1,8 @@
 """Lua scripts: read once from the package, called by EVALSHA, reloaded on NOSCRIPT.
 
 A script file is named ``name-N.lua`` where N is its number of KEYS (the BullMQ convention), so
-a wrapper passing the wrong number of keys fails loudly here instead of silently in Redis.
+a wrapper passing the wrong number of keys fails loudly here instead of silently in Redis. A script
+that takes a batch is named ``name-N+Mn.lua``: N keys, then M more for each of its n items.
 """
 
 from __future__ import annotations
@@ -52,21 +53,33 @@ class Script:
     key_count: int
     source: str
     sha: str
+    keys_per_item: int = 0  # a batch script: key_count keys, then this many per item (n >= 1)
+
+    def check_keys(self, count: int) -> None:
+        per = self.keys_per_item
+        if per:
+            extra = count - self.key_count
+            if extra < per or extra % per:
+                raise ValueError(
+                    f"{self.name} takes {self.key_count} keys + {per} per item, got {count}"
+                )
+        elif count != self.key_count:
+            raise ValueError(f"{self.name} takes {self.key_count} keys, got {count}")
 
     async def __call__(self, redis: Redis, keys: list[str], args: list[Any]) -> list[Any]:
-        if len(keys) != self.key_count:
-            raise ValueError(f"{self.name} takes {self.key_count} keys, got {len(keys)}")
+        self.check_keys(len(keys))
         try:
-            reply = await redis.evalsha(self.sha, self.key_count, *keys, *args)
+            reply = await redis.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
             # Redis restarted or SCRIPT FLUSH ran: load it again and retry once. EVALSHA that
             # raised NOSCRIPT ran nothing, so the retry cannot apply the change twice.
             await redis.script_load(self.source)
-            reply = await redis.evalsha(self.sha, self.key_count, *keys, *args)
+            reply = await redis.evalsha(self.sha, len(keys), *keys, *args)
         return reply  # type: ignore[no-any-return]
 
 
 _INCLUDE = re.compile(r"^--!include (\S+)$", re.MULTILINE)
+_KEY_COUNT = re.compile(r"^(\d+)(?:\+(\d+)n)?$")
 
 
 def _load_all() -> dict[str, Script]:
@@ -78,12 +91,21 @@ def _load_all() -> dict[str, Script]:
             continue
         stem = entry.name.removesuffix(".lua")
         name, _, count = stem.rpartition("-")
+        counts = _KEY_COUNT.match(count)
+        if counts is None:
+            raise ValueError(f"{entry.name}: name it name-N.lua or name-N+Mn.lua")
         source = _INCLUDE.sub(
             lambda m: root.joinpath("includes", m.group(1)).read_text(encoding="utf-8"),
             entry.read_text(encoding="utf-8"),
         )
         sha = hashlib.sha1(source.encode(), usedforsecurity=False).hexdigest()
-        scripts[name] = Script(name=name, key_count=int(count), source=source, sha=sha)
+        scripts[name] = Script(
+            name=name,
+            key_count=int(counts[1]),
+            source=source,
+            sha=sha,
+            keys_per_item=int(counts[2] or 0),
+        )
     return scripts
 
 

@@ -197,9 +197,9 @@ async def test_reserve_refuses_to_overwrite_a_taken_order_id(redis: Redis, redis
             keys.order(hold.order_id),
             keys.idempotency("bob", "k9"),
         ],
-        [hold.order_id, "bob", 1, 1, 60, "k9"],
+        [60, hold.order_id, "bob", 1, 1, "k9"],
     )
-    assert reply == [Code.ORDER_ID_TAKEN]
+    assert reply == [[Code.ORDER_ID_TAKEN]]
     assert await snapshot(redis) == before
 
 

@@ -1,0 +1,134 @@
+"""Orders coalesced: every order a server process places in one event-loop turn, per sale, goes
+to Redis as ONE ``reserve`` script call.
+
+A storm brings many orders for one sale at once. Alone, each order's script reads the sale, the
+clock, the stock and the shopper's count, and writes the stock, the count, the held counter and
+the hold index: 12 ``redis.call``s. Together, the orders of one turn share those reads and
+writes (9 calls per batch, then 3 per order: the order hash, the idempotency record and the
+outbox entry), and Redis parses one command instead of one per order. Measured with ``INFO
+commandstats`` (20,000 orders, AOF off, batches of 20 against batches of 1): ~50 -> ~34 µs of
+Redis CPU per order. Each order is still decided exactly as if it ran alone, in arrival order,
+and still costs the shopper one Redis round trip.
+
+The batch is packed just before the pipelined connection's write of this turn
+(``PipelinedRedis.before_write``), and its reply is handed out in the connection's
+``data_received`` (``PipelinedRedis.send``): no task or future of its own stands between the
+shoppers' requests and Redis, so coalescing adds no event-loop turn to an order's answer. With
+a task in between (one more turn each way) the bench's orders/s at 64 connections fell, since
+each answer came later and wrk's connections waited on it.
+
+Rare cases take the awaitable path (``inventory.reserve_many``): no live connection yet (it
+connects), NOSCRIPT (it loads the script), an order id already taken (it draws again). An
+order whose batch fails (the connection is lost, Redis refuses) gets that failure, as it would
+have alone; the shopper retries with the same Idempotency-Key, which is safe whether or not the
+script ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from functools import partial
+from typing import Any
+
+from redis.exceptions import NoScriptError
+
+from engine.inventory import Hold, Order, reserve_call, reserve_many, reserve_outcome
+from engine.pipeline import PipelinedRedis
+from engine.scripts import SCRIPTS
+
+__all__ = ["MAX_BATCH", "Reservations"]
+
+# Orders per script call at most: the script unpacks per-order lists into one command's
+# arguments (Lua's C stack holds ~8,000), and a bigger batch would only hold Redis longer
+# while a storm's other sales wait. A server with 64 connections sends batches of up to 64.
+MAX_BATCH = 256
+
+_SCRIPT = SCRIPTS["reserve"]
+
+_Waiting = tuple[Order, asyncio.Future[Hold]]
+
+
+def _settle(future: asyncio.Future[Hold], outcome: Hold | BaseException) -> None:
+    if future.done():  # its request was cancelled; the order stands, as it would alone
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+class Reservations:
+    """Places orders on ``store``, coalescing those issued in the same event-loop turn."""
+
+    def __init__(self, store: PipelinedRedis) -> None:
+        self._store = store
+        self._waiting: dict[str, list[_Waiting]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def reserve(
+        self, sale_id: str, user_id: str, quantity: int, idempotency_key: str
+    ) -> asyncio.Future[Hold]:
+        """What ``inventory.reserve`` answers, once the turn's batch has run."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Hold] = loop.create_future()
+        if not self._waiting and not self._store.before_write(self._send):
+            loop.call_soon(self._send_awaiting)
+        self._waiting.setdefault(sale_id, []).append(((user_id, quantity, idempotency_key), future))
+        return future
+
+    def _batches(self) -> list[tuple[str, list[_Waiting]]]:
+        waiting, self._waiting = self._waiting, {}
+        return [
+            (sale_id, orders[start : start + MAX_BATCH])
+            for sale_id, orders in waiting.items()
+            for start in range(0, len(orders), MAX_BATCH)
+        ]
+
+    def _send(self) -> None:
+        for sale_id, batch in self._batches():
+            keys, args = reserve_call(sale_id, [order for order, _ in batch])
+            command = ("EVALSHA", _SCRIPT.sha, len(keys), *keys, *args)
+            self._store.send(command, partial(self._answer, sale_id, batch))
+
+    def _answer(self, sale_id: str, batch: list[_Waiting], reply: Any) -> None:
+        if isinstance(reply, NoScriptError):
+            # EVALSHA that raised NOSCRIPT ran nothing: the awaitable path loads the script.
+            self._await(sale_id, batch)
+            return
+        if isinstance(reply, BaseException):
+            for _, future in batch:
+                _settle(future, reply)
+            return
+        retry = []
+        for waiting, one in zip(batch, reply, strict=True):
+            outcome = reserve_outcome(one, sale_id)
+            if outcome is None:
+                retry.append(waiting)
+            else:
+                _settle(waiting[1], outcome)
+        if retry:
+            self._await(sale_id, retry)
+
+    def _send_awaiting(self) -> None:
+        for sale_id, batch in self._batches():
+            self._await(sale_id, batch)
+
+    def _await(self, sale_id: str, batch: list[_Waiting]) -> None:
+        task = asyncio.ensure_future(self._place(sale_id, batch))
+        # The loop keeps only weak references to tasks: hold them until they finish.
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _place(self, sale_id: str, batch: list[_Waiting]) -> None:
+        try:
+            outcomes = await reserve_many(self._store, sale_id, [order for order, _ in batch])
+        except Exception as exc:
+            for _, future in batch:
+                _settle(future, exc)
+            return
+        for (_, future), outcome in zip(batch, outcomes, strict=True):
+            _settle(future, outcome)
+
+    async def aclose(self) -> None:
+        """Wait for the batches on the awaitable path."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)
