@@ -15,6 +15,7 @@ __all__ = [
     "is_sale_id",
     "is_user_id",
     "new_order_id",
+    "new_order_ids",
     "sale_of_order",
 ]
 
@@ -41,6 +42,13 @@ def new_order_id(sale_id: str) -> str:
     worker ran, and it is made here rather than in Lua because the script must be handed the
     order's key in KEYS. 64 random bits; ``reserve`` still refuses to overwrite a taken id."""
     return f"{sale_id}.{secrets.token_hex(8)}"
+
+
+def new_order_ids(sale_id: str, count: int) -> list[str]:
+    """``count`` fresh order ids from one read of the system's randomness (one ``getrandom``
+    call per batch instead of one per order)."""
+    bits = secrets.token_hex(8 * count)
+    return [f"{sale_id}.{bits[i : i + 16]}" for i in range(0, 16 * count, 16)]
 
 
 def sale_of_order(value: str) -> str | None:

@@ -13,7 +13,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from engine.errors import Conflict, NotFound, ProblemError, SaleClosed, Unprocessable
-from engine.ids import new_order_id
+from engine.ids import new_order_ids
 from engine.keys import OUTBOX_GROUP, sale_keys
 from engine.scripts import SCRIPTS, Code
 
@@ -219,8 +219,9 @@ def reserve_call(sale_id: str, orders: Sequence[Order]) -> tuple[list[str], list
     keys = sale_keys(sale_id)
     script_keys = [keys.sale, keys.stock, keys.users, keys.holds, keys.outbox]
     args: list[str | int] = [IDEMPOTENCY_TTL_S]
-    for user_id, quantity, idempotency_key in orders:
-        order_id = new_order_id(sale_id)
+    for (user_id, quantity, idempotency_key), order_id in zip(
+        orders, new_order_ids(sale_id, len(orders)), strict=True
+    ):
         script_keys += [keys.order(order_id), keys.idempotency(user_id, idempotency_key)]
         # The request body is just the quantity, so the quantity is the whole fingerprint.
         args += [order_id, user_id, quantity, quantity, idempotency_key]
@@ -230,7 +231,10 @@ def reserve_call(sale_id: str, orders: Sequence[Order]) -> tuple[list[str], list
 def reserve_outcome(reply: list[Any], sale_id: str) -> Hold | ProblemError | None:
     """One order's reply: its hold, the error to answer with, or None when its order id was
     taken (64 random bits collided; nothing was written: place it again, with a new id)."""
-    if reply[0] == Code.ORDER_ID_TAKEN:
+    code = reply[0]
+    if code == 1:  # Code.OK, by far the most common in a storm: no Enum lookup
+        return Hold(reply[1], reply[2], reply[3], reply[4], False)
+    if code == Code.ORDER_ID_TAKEN:
         return None
     return _reserve_outcome(reply, sale_id)
 

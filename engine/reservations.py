@@ -102,10 +102,15 @@ class Reservations:
         retry = []
         for waiting, one in zip(batch, reply, strict=True):
             outcome = reserve_outcome(one, sale_id)
+            future = waiting[1]
             if outcome is None:
                 retry.append(waiting)
+            elif future.done():  # its request was cancelled; the order stands, as alone
+                continue
+            elif isinstance(outcome, Hold):
+                future.set_result(outcome)
             else:
-                _settle(waiting[1], outcome)
+                future.set_exception(outcome)
         if retry:
             self._await(sale_id, retry)
 

@@ -69,6 +69,9 @@ class Settings:
     redis_pool_size: int = 64
     max_body_bytes: int = 4096
     drain_batch: int = 1000
+    # The drain's wait after a pass that did not fill a batch: the ledger trails Redis by about
+    # this much under a storm, and each batch is bigger (cheaper per order) the longer it is.
+    drain_poll_ms: int = 100
     claim_idle_ms: int = 30_000
     admin_token: str | None = field(default=None, repr=False)
     stripe_api_key: str | None = field(default=None, repr=False)
@@ -117,6 +120,7 @@ class Settings:
             redis_pool_size=_int(env, "FLASHSALE_REDIS_POOL_SIZE", cls.redis_pool_size, 1),
             max_body_bytes=_int(env, "FLASHSALE_MAX_BODY_BYTES", cls.max_body_bytes, 64),
             drain_batch=_int(env, "FLASHSALE_DRAIN_BATCH", cls.drain_batch, 1),
+            drain_poll_ms=_int(env, "FLASHSALE_DRAIN_POLL_MS", cls.drain_poll_ms, 1),
             claim_idle_ms=_int(env, "FLASHSALE_CLAIM_IDLE_MS", cls.claim_idle_ms, 1),
             admin_token=env.get("FLASHSALE_ADMIN_TOKEN") or None,
             stripe_api_key=env.get("FLASHSALE_STRIPE_API_KEY") or None,
@@ -165,6 +169,7 @@ class Settings:
             "FLASHSALE_REDIS_POOL_SIZE": str(self.redis_pool_size),
             "FLASHSALE_MAX_BODY_BYTES": str(self.max_body_bytes),
             "FLASHSALE_DRAIN_BATCH": str(self.drain_batch),
+            "FLASHSALE_DRAIN_POLL_MS": str(self.drain_poll_ms),
             "FLASHSALE_CLAIM_IDLE_MS": str(self.claim_idle_ms),
             "FLASHSALE_WEBHOOK_TOLERANCE_S": str(self.webhook_tolerance_s),
             "FLASHSALE_SOLD_OUT_REFRESH_MS": str(self.sold_out_refresh_ms),

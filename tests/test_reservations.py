@@ -135,7 +135,7 @@ async def test_batch_draws_again_for_a_taken_order_id(
     sale = await redis_sale(stock=10)
     taken = await inventory.reserve(redis, sale.id, "alice", 1, "k1")
     drawn = iter([taken.order_id, f"{sale.id}.00000000000000ab", f"{sale.id}.00000000000000cd"])
-    monkeypatch.setattr(inventory, "new_order_id", lambda _: next(drawn))
+    monkeypatch.setattr(inventory, "new_order_ids", lambda _, n: [next(drawn) for _ in range(n)])
     outcomes = await inventory.reserve_many(redis, sale.id, [("bob", 1, "k"), ("carol", 1, "k")])
     ids = [o.order_id for o in outcomes if isinstance(o, Hold)]
     # carol's order ran first with ...ab; bob's, whose id was taken, again with ...cd.

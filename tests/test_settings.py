@@ -56,6 +56,7 @@ def test_public_key_pins_rs256():
         ({"FLASHSALE_JWT_SECRET": KEY, "FLASHSALE_HOLD_SECONDS": "0"}, "at least 1"),
         ({"FLASHSALE_ENV": "staging"}, "FLASHSALE_ENV"),
         ({"FLASHSALE_JWT_SECRET": KEY, "FLASHSALE_SOLD_OUT_REFRESH_MS": "-1"}, "at least 0"),
+        ({"FLASHSALE_JWT_SECRET": KEY, "FLASHSALE_DRAIN_POLL_MS": "0"}, "DRAIN_POLL_MS.*1"),
     ],
 )
 def test_bad_values_are_named(env: dict[str, str], message: str):
