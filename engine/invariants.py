@@ -58,9 +58,9 @@ async def redis_orders(redis: Redis, sale_id: str) -> dict[str, dict[str, str]]:
 
 
 async def outbox_backlog(redis: Redis, sale_id: str) -> int:
-    """Changes not yet in the ledger. The drain deletes an entry in the same script call that
-    acknowledges it (lua/ack-1.lua), so whatever is still in the stream is undelivered or in
-    flight."""
+    """Outbox entries not yet in the ledger (an entry of reserve carries a batch's orders). The
+    drain deletes an entry in the same script call that acknowledges it (lua/ack-1.lua), so
+    whatever is still in the stream is undelivered or in flight."""
     backlog: int = await redis.xlen(sale_keys(sale_id).outbox)
     return backlog
 

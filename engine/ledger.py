@@ -15,17 +15,20 @@ import asyncpg
 __all__ = [
     "OrderChange",
     "count_orders",
-    "entry_change",
+    "entry_changes",
     "ledger_orders",
     "pack_change",
     "write_changes",
 ]
 
-# An outbox entry is one field whose value is the whole change, its values joined by byte 31, as
-# lua/includes/emit.lua writes them. _LAYOUT names them in order; an entry written before packing
-# had exactly these fields.
+# An outbox entry is one field: 'change', the whole change with its values joined by byte 31, or
+# 'changes', several of those joined by byte 30 (a batch of reserve), as lua/includes/emit.lua
+# writes them. _LAYOUT names the values in order; an entry written before packing had exactly
+# these fields.
 _CHANGE_FIELD = "change"
+_CHANGES_FIELD = "changes"
 _SEP = "\x1f"
+_RECORD_SEP = "\x1e"
 _LAYOUT = "order user qty state version created_ms expires_ms at_ms pi amount currency idem".split()
 
 
@@ -35,14 +38,17 @@ def pack_change(values: Mapping[str, str]) -> str:
     return _SEP.join(values.get(name, "") for name in _LAYOUT)
 
 
-def entry_change(fields: dict[str, str]) -> str:
-    """The packed change an outbox entry carries: every reader of the outbox goes through here."""
+def entry_changes(fields: dict[str, str]) -> list[str]:
+    """The packed changes an outbox entry carries: every reader of the outbox goes through here."""
+    changes = fields.get(_CHANGES_FIELD)
+    if changes is not None:
+        return changes.split(_RECORD_SEP)
     change = fields.get(_CHANGE_FIELD)
     if change is not None:
-        return change
+        return [change]
     # An entry in the shape of before packing (a field per value), still in a stream when the
     # worker was upgraded: delivered all the same.
-    return pack_change(fields)
+    return [pack_change(fields)]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,10 +70,20 @@ class OrderChange:
     currency: str = ""
 
     @classmethod
-    def from_entry(cls, sale_id: str, fields: dict[str, str]) -> OrderChange:
-        """The entry's change, checked and typed: for tests and tools. The drain never splits a
+    def all_from_entry(cls, sale_id: str, fields: dict[str, str]) -> list[OrderChange]:
+        """The entry's changes, checked and typed: for tests and tools. The drain never splits a
         change in Python; Postgres does (see _WRITE)."""
-        values = entry_change(fields).split(_SEP)
+        return [cls.from_packed(sale_id, change) for change in entry_changes(fields)]
+
+    @classmethod
+    def from_entry(cls, sale_id: str, fields: dict[str, str]) -> OrderChange:
+        """The change of an entry that carries exactly one."""
+        [change] = cls.all_from_entry(sale_id, fields)
+        return change
+
+    @classmethod
+    def from_packed(cls, sale_id: str, change: str) -> OrderChange:
+        values = change.split(_SEP)
         if len(values) != len(_LAYOUT):
             raise ValueError(f"an outbox change has {len(_LAYOUT)} values, not {len(values)}")
         v = dict(zip(_LAYOUT, values, strict=True))

@@ -70,7 +70,7 @@ async def reconcile(
 
     backlog = await outbox_backlog(redis, sale_id)
     if backlog:
-        found(Difference("outbox-backlog", "-", f"{backlog} changes not yet in the ledger"))
+        found(Difference("outbox-backlog", "-", f"{backlog} outbox entries not yet in the ledger"))
     else:
         stale = []
         for order_id, order in orders.items():

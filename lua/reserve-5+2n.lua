@@ -3,14 +3,16 @@
   if it came alone, the orders one after another in the order given; an order that is refused
   writes NOTHING. One order is a batch of one. A server coalesces the orders of one event-loop
   turn into one call (engine/reservations.py): the sale's reads, the clock, the stock, the
-  shoppers' counts and the hold index are then read and written once per batch instead of once
-  per order (12 redis.calls per order alone; 9 per batch + 3 per order together).
+  shoppers' counts, the hold index and the outbox entry are then read and written once per batch
+  instead of once per order (12 redis.calls per order alone; 10 per batch + 2 per order
+  together: the order hash and the idempotency record).
 
   KEYS[1] sale hash         (definition; counters held, sold)
   KEYS[2] stock             (integer: units available)
   KEYS[3] users             (hash: user -> units in live holds + paid; 0 once they are gone)
   KEYS[4] holds             (zset: order id scored by expiry ms)
-  KEYS[5] outbox            (stream: one entry per change, laid out as includes/emit.lua says)
+  KEYS[5] outbox            (stream: ONE entry for all the orders this call placed, field
+                             'changes', laid out as includes/emit.lua says)
   then for order i = 1..n:
   KEYS[4 + 2i] order hash   (for the new order id)
   KEYS[5 + 2i] idempotency  (string: first answer for user + Idempotency-Key)
@@ -99,6 +101,7 @@ local taken_ids    -- order key -> true when it exists (nil: none of the batch's
 local ids_checked = false
 
 local taken = 0
+local changes = {}
 local users_changed = {}
 local holds = {}
 
@@ -177,8 +180,8 @@ for i = 1, n do
         local answer = fingerprint .. '|' .. order_id .. '|' .. q .. '|' .. now_s .. '|' .. expires_s
         records[idem_key] = answer
         rcall('SET', idem_key, answer, 'EX', ARGV[1])
-        append_change(KEYS[5], order_id, user, q, 'reserved', '1', now_s, expires_s, now_s, '', '',
-                      '', idem)
+        changes[#changes + 1] = pack_change(order_id, user, q, 'reserved', '1', now_s, expires_s,
+                                            now_s, '', '', '', idem)
         replies[i] = {1, order_id, qty, now, expires, stock}
       end
     end
@@ -195,5 +198,7 @@ if taken > 0 then
   end
   rcall('HSET', KEYS[3], unpack(counts))
   rcall('ZADD', KEYS[4], unpack(holds))
+  -- One entry for the batch: the drain reads, acknowledges and deletes it once, not per order.
+  rcall('XADD', KEYS[5], '*', 'changes', table.concat(changes, '\30'))
 end
 return replies

@@ -8,7 +8,7 @@ import asyncpg
 import pytest
 
 from engine import ledger
-from engine.ledger import pack_change, write_changes
+from engine.ledger import entry_changes, pack_change, write_changes
 from tests.conftest import SaleFactory
 
 CREATED_MS = 1_700_000_000_000
@@ -166,3 +166,12 @@ async def test_an_invalid_change_writes_none_of_its_batch(
     with pytest.raises(asyncpg.ForeignKeyViolationError):
         await write_changes(db, "no-such-sale", [change("o2", 1)])
     assert await stored(db) == ([], [], [])
+
+
+def test_every_shape_of_outbox_entry_is_read():
+    one, two = change("o1", 1), change("o2", 1)
+    assert entry_changes({"changes": one + "\x1e" + two}) == [one, two]  # a reserve batch
+    assert entry_changes({"change": one}) == [one]  # any other script
+    # A field per value, as entries were written before packing.
+    legacy = dict(zip(ledger._LAYOUT, one.split("\x1f"), strict=True))
+    assert entry_changes(legacy) == [one]

@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from typing import Any
 
+import asyncpg
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError
@@ -16,13 +17,15 @@ from redis.exceptions import ConnectionError
 from engine import inventory
 from engine.errors import Conflict, ProblemError
 from engine.inventory import Hold, Order
-from engine.keys import sale_keys
+from engine.keys import OUTBOX_GROUP, sale_keys
+from engine.ledger import OrderChange, entry_changes, ledger_orders, write_changes
 from engine.pipeline import PipelinedRedis
 from engine.reservations import Reservations
 from engine.scripts import SCRIPTS
 from engine.settings import Settings
 from tests.conftest import SaleFactory
 from tests.test_scripts import snapshot
+from workers.outbox import drain_sale
 
 
 @pytest.fixture
@@ -39,14 +42,21 @@ def shape(outcome: Hold | ProblemError) -> tuple[Any, ...]:
     return ("hold", outcome.quantity, outcome.replayed)
 
 
+async def outbox_changes(redis: Redis, sale_id: str) -> list[OrderChange]:
+    entries = await redis.xrange(sale_keys(sale_id).outbox)
+    return [c for _, fields in entries for c in OrderChange.all_from_entry(sale_id, fields)]
+
+
 async def sale_state(redis: Redis, sale_id: str) -> dict[str, Any]:
+    """Counts, and the outbox's changes without their order ids and times."""
     keys = sale_keys(sale_id)
+    changes = await outbox_changes(redis, sale_id)
     return {
         "stock": await redis.get(keys.stock),
         "held": await redis.hget(keys.sale, "held"),
         "users": await redis.hgetall(keys.users),
         "holds": await redis.zcard(keys.holds),
-        "outbox": await redis.xlen(keys.outbox),
+        "outbox": [(c.user_id, c.quantity, c.state, c.idempotency_key) for c in changes],
     }
 
 
@@ -82,8 +92,17 @@ async def test_batch_decides_each_order_as_if_alone_in_order(redis: Redis, redis
         "held": "5",
         "users": {"alice": "2", "bob": "3"},
         "holds": 2,
-        "outbox": 2,
+        "outbox": [("alice", 2, "reserved", "a1"), ("bob", 3, "reserved", "b2")],
     }
+    # Both new orders in ONE outbox entry, with the times and ids the shoppers were given.
+    [(_, fields)] = await redis.xrange(sale_keys(sale.id).outbox)
+    changes = OrderChange.all_from_entry(sale.id, fields)
+    bob = outcomes[6]
+    assert isinstance(bob, Hold)
+    assert [(c.order_id, c.created_ms, c.expires_ms) for c in changes] == [
+        (first.order_id, first.created_ms, first.expires_ms),
+        (bob.order_id, bob.created_ms, bob.expires_ms),
+    ]
     # The replay inside the batch is a replay afterwards too, with the same answer.
     again = await inventory.reserve(redis, sale.id, "alice", 2, "a1")
     assert again.replayed and again.order_id == first.order_id
@@ -208,10 +227,36 @@ async def test_flood_through_coalescing_never_oversells(
     assert await redis.get(keys.stock) == "0"
     assert await redis.hget(keys.sale, "held") == "100"
     assert {u: int(n) for u, n in (await redis.hgetall(keys.users)).items()} == dict(per_user)
-    assert await redis.xlen(keys.outbox) == len(holds) == await redis.zcard(keys.holds)
+    changes = await outbox_changes(redis, sale.id)
+    assert sorted(c.order_id for c in changes) == sorted(order_id for _, order_id, _ in holds)
+    assert await redis.zcard(keys.holds) == len(holds)
     rejected = Counter(o for o in outcomes if isinstance(o, str))
     assert set(rejected) <= {"sold-out", "limit-exceeded", "idempotency-key-reused"}
     assert rejected["sold-out"] > 0
+
+
+async def test_coalesced_entries_reach_the_ledger_exactly_once(
+    redis: Redis, db: asyncpg.Pool, ledger_sale: SaleFactory, store: PipelinedRedis
+):
+    sale = await ledger_sale(stock=3000, per_user_limit=1, per_order_max=1)
+    reservations = Reservations(store)
+    holds = await asyncio.gather(
+        *(reservations.reserve(sale.id, f"u{i}", 1, "k") for i in range(2000))
+    )
+    entries = await redis.xlen(sale_keys(sale.id).outbox)
+    assert entries < 100  # batches of orders, not an entry per order
+    # Read and committed by a consumer that dies before acknowledging: claimed and written
+    # again by another, which the ledger absorbs.
+    reply = await redis.xreadgroup(OUTBOX_GROUP, "dead", {sale_keys(sale.id).outbox: ">"}, count=3)
+    read = [c for _, fields in reply[0][1] for c in entry_changes(fields)]
+    await write_changes(db, sale.id, read)
+    await asyncio.sleep(0.05)
+    written = await drain_sale(redis, db, sale.id, "alive", batch=7, claim_idle_ms=10)
+    assert written == 2000
+    assert await redis.xlen(sale_keys(sale.id).outbox) == 0
+    ledger = await ledger_orders(db, sale.id)
+    assert sorted(ledger) == sorted(h.order_id for h in holds)
+    assert await db.fetchval("SELECT count(*) FROM order_events") == 2000
 
 
 async def test_coalescing_reloads_the_script_after_script_flush(
@@ -258,7 +303,7 @@ async def test_a_lost_connection_fails_every_order_of_the_batch(
     finally:
         await redis.execute_command("CLIENT", "UNPAUSE")
     assert all(isinstance(r, ConnectionError) for r in results)
-    assert await redis.get(keys.stock) == "100" and await redis.xlen(keys.outbox) == 0
+    assert await redis.get(keys.stock) == "100" and await outbox_changes(redis, sale.id) == []
     # The next order reconnects.
     hold = await reservations.reserve(sale.id, "late", 1, "late")
     assert not hold.replayed and await redis.get(keys.stock) == "99"

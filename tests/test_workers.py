@@ -19,7 +19,7 @@ from engine.demo import start_process
 from engine.errors import Conflict
 from engine.invariants import audit_sale, outbox_backlog, wait_for_ledger
 from engine.keys import LIVE_SALES, OUTBOX_GROUP, sale_keys
-from engine.ledger import OrderChange, entry_change, write_changes
+from engine.ledger import OrderChange, entry_changes, write_changes
 from engine.scripts import SCRIPTS
 from engine.settings import Settings
 from tests.conftest import SaleFactory
@@ -67,7 +67,7 @@ async def test_an_older_change_never_overwrites_a_newer_one(
     hold = await inventory.reserve(redis, sale.id, "alice", 1, "k1")
     await inventory.release(redis, sale.id, hold.order_id, "cancelled")
     entries = [fields for _, fields in await redis.xrange(sale_keys(sale.id).outbox)]
-    newest, oldest = (entry_change(f) for f in reversed(entries))
+    newest, oldest = (c for f in reversed(entries) for c in entry_changes(f))
     await write_changes(db, sale.id, [newest])
     await write_changes(db, sale.id, [oldest])  # a redelivery, late and out of order
     await write_changes(db, sale.id, [oldest, newest, oldest])  # duplicates inside one batch
@@ -173,7 +173,7 @@ async def test_entries_of_a_dead_consumer_are_claimed_once(
     # A consumer reads a batch, commits it, and dies before XACK: the worst moment.
     reply = await redis.xreadgroup(OUTBOX_GROUP, "dead", {outbox: ">"}, count=150)
     read = reply[0][1]
-    await write_changes(db, sale.id, [entry_change(f) for _, f in read])
+    await write_changes(db, sale.id, [c for _, f in read for c in entry_changes(f)])
 
     written = await drain_sale(redis, db, sale.id, "alive", batch=100, claim_idle_ms=60_000)
     assert written == len(accepted) - 150  # not claimable yet: the dead one may be slow

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from engine.keys import OUTBOX_GROUP, sale_keys
-from engine.ledger import entry_change, write_changes
+from engine.ledger import entry_changes, write_changes
 from engine.scripts import SCRIPTS
 
 __all__ = ["drain_sale"]
@@ -33,7 +33,7 @@ async def _write_and_ack(redis: Redis, db: asyncpg.Pool, sale_id: str, entries: 
     if not entries:
         return 0
     # Claimed entries may have been trimmed already (XAUTOCLAIM reports those as empty).
-    changes = [entry_change(fields) for _, fields in entries if fields]
+    changes = [change for _, fields in entries if fields for change in entry_changes(fields)]
     await write_changes(db, sale_id, changes)
     # Only now, after the commit: if we die before this line, the entries stay pending and are
     # written again by whoever claims them.
