@@ -19,6 +19,7 @@ from engine.scripts import SCRIPTS, Code
 
 __all__ = [
     "IDEMPOTENCY_TTL_S",
+    "MAX_BATCH",
     "Hold",
     "Order",
     "Release",
@@ -42,6 +43,12 @@ __all__ = [
 
 # Stripe keeps idempotency keys 24 h; shoppers' retries come within seconds, so this is generous.
 IDEMPOTENCY_TTL_S = 24 * 3600
+
+# Orders per reserve script call at most (the script refuses more than 1,000: it unpacks per-order
+# lists, 2 values per order, into single commands, and Lua's C stack holds ~8,000). A bigger
+# batch would also hold Redis longer while other sales wait; a server with 64 connections sends
+# batches of up to 64.
+MAX_BATCH = 256
 
 _reserve = SCRIPTS["reserve"]
 _release = SCRIPTS["release"]
@@ -215,7 +222,10 @@ def _reserve_outcome(reply: list[Any], sale_id: str) -> Hold | ProblemError:
 
 
 def reserve_call(sale_id: str, orders: Sequence[Order]) -> tuple[list[str], list[str | int]]:
-    """The reserve script's KEYS and ARGV for ``orders``, each with a newly drawn order id."""
+    """The reserve script's KEYS and ARGV for ``orders`` (at most MAX_BATCH), each with a newly
+    drawn order id."""
+    if not 0 < len(orders) <= MAX_BATCH:
+        raise ValueError(f"a reserve call takes 1 to {MAX_BATCH} orders, not {len(orders)}")
     keys = sale_keys(sale_id)
     script_keys = [keys.sale, keys.stock, keys.users, keys.holds, keys.outbox]
     args: list[str | int] = [IDEMPOTENCY_TTL_S]
@@ -248,14 +258,15 @@ async def reserve_many(
     outcomes: list[Hold | ProblemError | None] = [None] * len(orders)
     pending = list(range(len(orders)))
     while pending:
-        replies = await _reserve(redis, *reserve_call(sale_id, [orders[i] for i in pending]))
+        chunk, pending = pending[:MAX_BATCH], pending[MAX_BATCH:]
+        replies = await _reserve(redis, *reserve_call(sale_id, [orders[i] for i in chunk]))
         retry = []
-        for i, reply in zip(pending, replies, strict=True):
+        for i, reply in zip(chunk, replies, strict=True):
             outcome = reserve_outcome(reply, sale_id)
             if outcome is None:
                 retry.append(i)
             outcomes[i] = outcome
-        pending = retry
+        pending = retry + pending
     return [outcome for outcome in outcomes if outcome is not None]
 
 

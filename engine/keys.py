@@ -55,7 +55,8 @@ class SaleKeys:
 
     @property
     def outbox(self) -> str:
-        """Stream: one entry per order state change, drained into Postgres."""
+        """Stream: one entry per order state change (one per batch of new orders from
+        ``reserve``), drained into Postgres."""
         return f"{self.tag}:outbox"
 
     @property

@@ -194,7 +194,7 @@ WHERE version = 1 AND id NOT IN (SELECT id FROM incoming WHERE version > 1)
 async def write_changes(
     conn: asyncpg.Connection | asyncpg.Pool, sale_id: str, changes: Sequence[str]
 ) -> None:
-    """Write one sale's changes, packed as the outbox carries them (``entry_change``,
+    """Write one sale's changes, packed as the outbox carries them (``entry_changes``,
     ``pack_change``): one statement, two when some of them are in the ledger already."""
     if not changes:
         return

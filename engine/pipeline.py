@@ -57,12 +57,16 @@ class _Protocol(asyncio.Protocol):
     def flush(self) -> None:
         # Still "scheduled" while the hooks run: what they send joins this write.
         hooks, self.hooks = self.hooks, []
-        for hook in hooks:
-            hook()
-        self.flush_scheduled = False
-        if self.pending and self.transport is not None and self.lost is None:
-            self.transport.write(b"".join(self.pending))
-        self.pending.clear()
+        try:
+            for hook in hooks:
+                hook()
+        finally:
+            # A hook that raised must not leave the flag set: nothing would ever be written
+            # again on this connection. Its error goes to the loop's exception handler.
+            self.flush_scheduled = False
+            if self.pending and self.transport is not None and self.lost is None:
+                self.transport.write(b"".join(self.pending))
+            self.pending.clear()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports quack like asyncio.Transport without subclassing it.

@@ -2,20 +2,22 @@
 to Redis as ONE ``reserve`` script call.
 
 A storm brings many orders for one sale at once. Alone, each order's script reads the sale, the
-clock, the stock and the shopper's count, and writes the stock, the count, the held counter and
-the hold index: 12 ``redis.call``s. Together, the orders of one turn share those reads and
-writes (9 calls per batch, then 3 per order: the order hash, the idempotency record and the
-outbox entry), and Redis parses one command instead of one per order. Measured with ``INFO
-commandstats`` (20,000 orders, AOF off, batches of 20 against batches of 1): ~50 -> ~34 µs of
-Redis CPU per order. Each order is still decided exactly as if it ran alone, in arrival order,
-and still costs the shopper one Redis round trip.
+clock, the stock and the shopper's count, and writes the stock, the count, the held counter, the
+hold index and an outbox entry: 12 ``redis.call``s. Together, the orders of one turn share those
+reads and writes (10 calls per batch, then 2 per order: the order hash and the idempotency
+record; the batch's new orders travel in ONE outbox entry, so the drain also reads,
+acknowledges and deletes once per batch), and Redis parses one command instead of one per
+order. Measured: ``INFO commandstats``, 20,000 orders, batches of 20 against batches of 1,
+~50 -> ~20 µs of Redis CPU per order; ``make bench``, Redis CPU per order in the engine phase
+51 -> 30 µs, drain worker 8 -> 4 µs. Each order is still decided exactly as if it ran alone,
+in arrival order, and still costs the shopper one Redis round trip.
 
 The batch is packed just before the pipelined connection's write of this turn
 (``PipelinedRedis.before_write``), and its reply is handed out in the connection's
 ``data_received`` (``PipelinedRedis.send``): no task or future of its own stands between the
-shoppers' requests and Redis, so coalescing adds no event-loop turn to an order's answer. With
-a task in between (one more turn each way) the bench's orders/s at 64 connections fell, since
-each answer came later and wrk's connections waited on it.
+shoppers' requests and Redis, so coalescing adds no event-loop turn to an order's answer and no
+task per batch. (``make bench`` could not tell it from a version with a task per batch: 0.680
+against 0.675 of the ceiling, one run each.)
 
 Rare cases take the awaitable path (``inventory.reserve_many``): no live connection yet (it
 connects), NOSCRIPT (it loads the script), an order id already taken (it draws again). An
@@ -32,16 +34,12 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
-from engine.inventory import Hold, Order, reserve_call, reserve_many, reserve_outcome
+from engine.inventory import MAX_BATCH, Hold, Order, reserve_call, reserve_many, reserve_outcome
 from engine.pipeline import PipelinedRedis
 from engine.scripts import SCRIPTS
 
-__all__ = ["MAX_BATCH", "Reservations"]
+__all__ = ["Reservations"]
 
-# Orders per script call at most: the script unpacks per-order lists into one command's
-# arguments (Lua's C stack holds ~8,000), and a bigger batch would only hold Redis longer
-# while a storm's other sales wait. A server with 64 connections sends batches of up to 64.
-MAX_BATCH = 256
 
 _SCRIPT = SCRIPTS["reserve"]
 
@@ -86,11 +84,26 @@ class Reservations:
 
     def _send(self) -> None:
         for sale_id, batch in self._batches():
-            keys, args = reserve_call(sale_id, [order for order, _ in batch])
+            try:
+                keys, args = reserve_call(sale_id, [order for order, _ in batch])
+            except Exception as exc:  # nothing was sent: the batch's shoppers hear why
+                for _, future in batch:
+                    _settle(future, exc)
+                continue
             command = ("EVALSHA", _SCRIPT.sha, len(keys), *keys, *args)
             self._store.send(command, partial(self._answer, sale_id, batch))
 
     def _answer(self, sale_id: str, batch: list[_Waiting], reply: Any) -> None:
+        # Runs inside the connection's data_received: whatever goes wrong here must reach the
+        # batch's shoppers, not the protocol (which would drop the connection and leave them
+        # waiting for good).
+        try:
+            self._hand_out(sale_id, batch, reply)
+        except Exception as exc:
+            for _, future in batch:
+                _settle(future, exc)
+
+    def _hand_out(self, sale_id: str, batch: list[_Waiting], reply: Any) -> None:
         if isinstance(reply, NoScriptError):
             # EVALSHA that raised NOSCRIPT ran nothing: the awaitable path loads the script.
             self._await(sale_id, batch)

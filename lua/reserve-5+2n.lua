@@ -17,6 +17,8 @@
   KEYS[4 + 2i] order hash   (for the new order id)
   KEYS[5 + 2i] idempotency  (string: first answer for user + Idempotency-Key)
 
+  n is at most 1000 (an error reply, nothing written, above that).
+
   ARGV[1] idempotency record TTL, seconds
   then for order i = 1..n, five values from ARGV[5i - 3]:
     new order id, user id, quantity (positive integer),
@@ -46,6 +48,11 @@ local rcall = redis.call
 --!include emit.lua
 
 local n = (#KEYS - 5) / 2
+-- Per-order lists are unpacked into single commands, 2 values per order, and Lua's C stack
+-- holds ~8,000: refuse a batch that could fail half-way, before anything is written.
+if n > 1000 then
+  return redis.error_reply('reserve takes at most 1000 orders per call')
+end
 local replies = {}
 
 local sale = rcall('HMGET', KEYS[1], 'status', 'start_ms', 'end_ms', 'per_order_max',
@@ -89,10 +96,10 @@ elseif now >= tonumber(sale[3]) then
 end
 local per_order_max = tonumber(sale[4])
 local limit = tonumber(sale[5])
-local expires = now + tonumber(sale[6])
 -- Numbers as strings once per batch: Lua formats a number with sprintf each time it is
 -- concatenated or passed to redis.call, ~13 times per order otherwise.
-local now_s, expires_s = tostring(now), tostring(expires)
+local now_s = tostring(now)
+local expires, expires_s  -- on the first hold: replies and refusals never need them
 local qty_s = {}
 
 -- Read on first need: a batch of replays or refusals never reads them.
@@ -160,6 +167,10 @@ for i = 1, n do
       if taken_ids and taken_ids[order_key] then
         replies[i] = {-10}
       else
+        if not expires then
+          expires = now + tonumber(sale[6])
+          expires_s = tostring(expires)
+        end
         -- An id drawn twice inside the batch is taken by its first order.
         taken_ids = taken_ids or {}
         taken_ids[order_key] = true

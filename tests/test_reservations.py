@@ -12,11 +12,12 @@ from typing import Any
 import asyncpg
 import pytest
 from redis.asyncio import Redis
-from redis.exceptions import ConnectionError
+from redis.exceptions import ConnectionError, ResponseError
 
 from engine import inventory
+from engine import reservations as reservations_module
 from engine.errors import Conflict, ProblemError
-from engine.inventory import Hold, Order
+from engine.inventory import MAX_BATCH, Hold, Order
 from engine.keys import OUTBOX_GROUP, sale_keys
 from engine.ledger import OrderChange, entry_changes, ledger_orders, write_changes
 from engine.pipeline import PipelinedRedis
@@ -321,3 +322,81 @@ async def test_sold_out_answers_are_the_same_through_coalescing(
     assert isinstance(results[0], Hold)
     assert all(isinstance(r, Conflict) and r.extra == {"available": 0} for r in results[1:])
     assert (await redis.hgetall(sale_keys(sale.id).users)) == {"u0": "1"}
+
+
+# --- limits and failures ------------------------------------------------------------------------
+
+
+async def test_more_orders_than_a_call_takes_go_in_several_calls(
+    redis: Redis, redis_sale: SaleFactory
+):
+    sale = await redis_sale(stock=1000, per_user_limit=1, per_order_max=1)
+    orders: list[Order] = [(f"u{i}", 1, "k") for i in range(MAX_BATCH * 2 + 88)]
+    outcomes = await inventory.reserve_many(redis, sale.id, orders)
+    assert all(isinstance(o, Hold) and not o.replayed for o in outcomes)
+    assert await redis.get(sale_keys(sale.id).stock) == str(1000 - len(orders))
+    assert await redis.xlen(sale_keys(sale.id).outbox) == 3
+    with pytest.raises(ValueError, match="1 to 256 orders"):
+        inventory.reserve_call(sale.id, orders)
+    with pytest.raises(ValueError, match="1 to 256 orders"):
+        inventory.reserve_call(sale.id, [])
+
+
+async def test_the_script_refuses_a_batch_too_big_for_lua_before_writing(
+    redis: Redis, redis_sale: SaleFactory
+):
+    sale = await redis_sale(stock=5000, per_user_limit=1, per_order_max=1)
+    keys = sale_keys(sale.id)
+    script_keys = [keys.sale, keys.stock, keys.users, keys.holds, keys.outbox]
+    args: list[str | int] = [60]
+    for i in range(1001):
+        order_id = f"{sale.id}.{i:016x}"
+        script_keys += [keys.order(order_id), keys.idempotency(f"u{i}", "k")]
+        args += [order_id, f"u{i}", 1, 1, "k"]
+    before = await snapshot(redis)
+    with pytest.raises(ResponseError, match="at most 1000 orders"):
+        await SCRIPTS["reserve"](redis, script_keys, args)
+    assert await snapshot(redis) == before
+
+
+async def test_a_failing_hook_does_not_wedge_the_connection(store: PipelinedRedis):
+    await store.ping()
+    loop = asyncio.get_running_loop()
+    seen: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: seen.append(context))
+    try:
+
+        def broken() -> None:
+            store.send(("PING",), lambda _: None)  # sent all the same: queued before the raise
+            raise RuntimeError("hook failed")
+
+        assert store.before_write(broken)
+        assert await asyncio.wait_for(store.ping(), 2)
+    finally:
+        loop.set_exception_handler(None)
+    assert [str(c.get("exception")) for c in seen] == ["hook failed"]
+
+
+async def test_a_batch_that_cannot_be_packed_or_read_fails_its_orders_only(
+    redis: Redis, redis_sale: SaleFactory, store: PipelinedRedis, monkeypatch: pytest.MonkeyPatch
+):
+    sale = await redis_sale(stock=100)
+    reservations = Reservations(store)
+    await store.ping()
+
+    async def turn_failing_at(step: str, prefix: str) -> list[str]:
+        def broken(*_: Any) -> Any:
+            raise RuntimeError(f"cannot {step}")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(reservations_module, step, broken)
+            failed = [reservations.reserve(sale.id, f"{prefix}{i}", 1, "k") for i in range(3)]
+            results = await asyncio.wait_for(asyncio.gather(*failed, return_exceptions=True), 2)
+        return [str(r) for r in results]
+
+    assert await turn_failing_at("reserve_call", "u") == ["cannot reserve_call"] * 3
+    assert await turn_failing_at("reserve_outcome", "v") == ["cannot reserve_outcome"] * 3
+    # The connection still serves: the next turn's orders are placed.
+    hold = await asyncio.wait_for(reservations.reserve(sale.id, "w", 1, "k"), 2)
+    assert not hold.replayed
+    assert await redis.get(sale_keys(sale.id).stock) == "96"  # the 3 unread ones were placed

@@ -29,12 +29,18 @@ Entry = tuple[str, dict[str, str]]
 _ack = SCRIPTS["ack"]
 
 
-async def _write_and_ack(redis: Redis, db: asyncpg.Pool, sale_id: str, entries: list[Entry]) -> int:
+async def _write_and_ack(
+    redis: Redis, db: asyncpg.Pool, sale_id: str, entries: list[Entry], batch: int
+) -> int:
     if not entries:
         return 0
     # Claimed entries may have been trimmed already (XAUTOCLAIM reports those as empty).
     changes = [change for _, fields in entries if fields for change in entry_changes(fields)]
-    await write_changes(db, sale_id, changes)
+    # A reserve entry carries a whole batch of orders, so ``batch`` entries can hold far more
+    # changes: at most ``batch`` per statement. A crash between statements leaves every entry
+    # pending, and the ledger absorbs the part written twice.
+    for start in range(0, len(changes), batch):
+        await write_changes(db, sale_id, changes[start : start + batch])
     # Only now, after the commit: if we die before this line, the entries stay pending and are
     # written again by whoever claims them.
     outbox = sale_keys(sale_id).outbox
@@ -75,7 +81,7 @@ async def drain_sale(
     # New entries, batch by batch until the stream is empty.
     while True:
         entries = await _read(redis, outbox, consumer, ">", batch)
-        written += await _write_and_ack(redis, db, sale_id, entries)
+        written += await _write_and_ack(redis, db, sale_id, entries, batch)
         if len(entries) < batch:
             return written
 
@@ -93,7 +99,7 @@ async def _recover(
     written = 0
     # Entries this consumer read before but did not acknowledge (the last write failed).
     written += await _write_and_ack(
-        redis, db, sale_id, await _read(redis, outbox, consumer, "0", batch)
+        redis, db, sale_id, await _read(redis, outbox, consumer, "0", batch), batch
     )
     # Entries another consumer has held longer than any healthy batch takes: it died.
     cursor = "0-0"
@@ -113,6 +119,7 @@ async def _recover(
             return written
         if claimed:
             log.info("claimed %d outbox entries of %s from a dead worker", len(claimed), sale_id)
-            written += await _write_and_ack(redis, db, sale_id, [(i, f) for i, f in claimed])
+            claimed_entries = [(i, f) for i, f in claimed]
+            written += await _write_and_ack(redis, db, sale_id, claimed_entries, batch)
         if cursor == "0-0":
             return written
