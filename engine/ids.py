@@ -41,7 +41,7 @@ def new_order_id(sale_id: str) -> str:
     """A fresh order id. It carries its sale, so one Redis call finds the order before any
     worker ran, and it is made here rather than in Lua because the script must be handed the
     order's key in KEYS. 64 random bits; ``reserve`` still refuses to overwrite a taken id."""
-    return f"{sale_id}.{secrets.token_hex(8)}"
+    return new_order_ids(sale_id, 1)[0]
 
 
 def new_order_ids(sale_id: str, count: int) -> list[str]:

@@ -187,9 +187,13 @@ def _order_keys(sale_id: str, order_id: str, *extra: str) -> list[str]:
 Order = tuple[str, int, str]  # (user id, quantity, Idempotency-Key)
 
 
-def _reserve_outcome(reply: list[Any], sale_id: str) -> Hold | ProblemError:
-    """One order's reply from the reserve script: its hold, or the error to answer with."""
+def reserve_outcome(reply: list[Any], sale_id: str) -> Hold | ProblemError | None:
+    """One order's reply from the reserve script: its hold, the error to answer with, or None
+    when its order id was taken (64 random bits collided; nothing was written: place it again,
+    with a new id)."""
     code = Code(reply[0])
+    if code is Code.ORDER_ID_TAKEN:
+        return None
     if code is Code.OK or code is Code.REPLAYED:
         return Hold(
             order_id=reply[1],
@@ -236,17 +240,6 @@ def reserve_call(sale_id: str, orders: Sequence[Order]) -> tuple[list[str], list
         # The request body is just the quantity, so the quantity is the whole fingerprint.
         args += [order_id, user_id, quantity, quantity, idempotency_key]
     return script_keys, args
-
-
-def reserve_outcome(reply: list[Any], sale_id: str) -> Hold | ProblemError | None:
-    """One order's reply: its hold, the error to answer with, or None when its order id was
-    taken (64 random bits collided; nothing was written: place it again, with a new id)."""
-    code = reply[0]
-    if code == 1:  # Code.OK, by far the most common in a storm: no Enum lookup
-        return Hold(reply[1], reply[2], reply[3], reply[4], False)
-    if code == Code.ORDER_ID_TAKEN:
-        return None
-    return _reserve_outcome(reply, sale_id)
 
 
 async def reserve_many(

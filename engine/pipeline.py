@@ -37,6 +37,7 @@ __all__ = ["PipelinedRedis", "ReplyCallback"]
 # Called with a command's reply, or with the exception it failed with (a ``ResponseError``,
 # ``NoScriptError`` or ``ConnectionError`` instance), in the protocol's data_received.
 ReplyCallback = Callable[[Any], None]
+_Waiter = asyncio.Future[Any] | ReplyCallback
 
 
 def _error(reply: ResponseError) -> ResponseError:
@@ -48,11 +49,22 @@ class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.reader = hiredis.Reader(encoding="utf-8", replyError=ResponseError)
-        self.waiting: deque[asyncio.Future[Any] | ReplyCallback] = deque()
+        self.waiting: deque[_Waiter] = deque()
         self.pending: list[bytes] = []  # packed commands not yet written
         self.flush_scheduled = False
         self.hooks: list[Callable[[], None]] = []  # run by the next flush, before it writes
         self.lost: Exception | None = None
+
+    def schedule_flush(self) -> None:
+        if not self.flush_scheduled:
+            # Everything issued before the loop comes round again shares this one write.
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def enqueue(self, args: tuple[Any, ...], waiter: _Waiter) -> None:
+        self.waiting.append(waiter)
+        self.pending.append(hiredis.pack_command(args))
+        self.schedule_flush()
 
     def flush(self) -> None:
         # Still "scheduled" while the hooks run: what they send joins this write.
@@ -139,20 +151,11 @@ class PipelinedRedis:
                 await self._send(protocol, command)
             return protocol
 
-    @staticmethod
-    def _schedule_flush(protocol: _Protocol) -> None:
-        if not protocol.flush_scheduled:
-            # Everything issued before the loop comes round again shares this one write.
-            protocol.flush_scheduled = True
-            asyncio.get_running_loop().call_soon(protocol.flush)
-
     def _send(self, protocol: _Protocol, args: tuple[Any, ...]) -> asyncio.Future[Any]:
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         if protocol.lost is not None:
             raise protocol.lost
-        protocol.waiting.append(waiter)
-        protocol.pending.append(hiredis.pack_command(args))
-        self._schedule_flush(protocol)
+        protocol.enqueue(args, waiter)
         return waiter
 
     def before_write(self, hook: Callable[[], None]) -> bool:
@@ -163,19 +166,17 @@ class PipelinedRedis:
         if protocol is None or protocol.lost is not None:
             return False
         protocol.hooks.append(hook)
-        self._schedule_flush(protocol)
+        protocol.schedule_flush()
         return True
 
     def send(self, args: tuple[Any, ...], callback: ReplyCallback) -> None:
-        """Send a command without a future: ``callback`` gets its reply (or its error) straight
-        from the protocol, one event-loop turn sooner than an awaiting task would."""
+        """Send a command without a future or a task: ``callback`` gets its reply (or its
+        error) straight from the protocol's data_received."""
         protocol = self._protocol
         if protocol is None or protocol.lost is not None:
             callback(protocol.lost if protocol else ConnectionError("not connected to Redis"))
             return
-        protocol.waiting.append(callback)
-        protocol.pending.append(hiredis.pack_command(args))
-        self._schedule_flush(protocol)
+        protocol.enqueue(args, callback)
 
     async def execute_command(self, *args: Any) -> Any:
         protocol = self._protocol

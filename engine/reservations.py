@@ -55,6 +55,12 @@ def _settle(future: asyncio.Future[Hold], outcome: Hold | BaseException) -> None
         future.set_result(outcome)
 
 
+def _fail(batch: list[_Waiting], error: BaseException) -> None:
+    """Every order of the batch gets ``error``, as each would have alone."""
+    for _, future in batch:
+        _settle(future, error)
+
+
 class Reservations:
     """Places orders on ``store``, coalescing those issued in the same event-loop turn."""
 
@@ -85,13 +91,11 @@ class Reservations:
     def _send(self) -> None:
         for sale_id, batch in self._batches():
             try:
-                keys, args = reserve_call(sale_id, [order for order, _ in batch])
+                command = _SCRIPT.evalsha(*reserve_call(sale_id, [order for order, _ in batch]))
             except Exception as exc:  # nothing was sent: the batch's shoppers hear why
-                for _, future in batch:
-                    _settle(future, exc)
+                _fail(batch, exc)
                 continue
-            command = ("EVALSHA", _SCRIPT.sha, len(keys), *keys, *args)
-            self._store.send(command, partial(self._answer, sale_id, batch))
+            self._store.send(("EVALSHA", *command), partial(self._answer, sale_id, batch))
 
     def _answer(self, sale_id: str, batch: list[_Waiting], reply: Any) -> None:
         # Runs inside the connection's data_received: whatever goes wrong here must reach the
@@ -100,8 +104,7 @@ class Reservations:
         try:
             self._hand_out(sale_id, batch, reply)
         except Exception as exc:
-            for _, future in batch:
-                _settle(future, exc)
+            _fail(batch, exc)
 
     def _hand_out(self, sale_id: str, batch: list[_Waiting], reply: Any) -> None:
         if isinstance(reply, NoScriptError):
@@ -109,21 +112,15 @@ class Reservations:
             self._await(sale_id, batch)
             return
         if isinstance(reply, BaseException):
-            for _, future in batch:
-                _settle(future, reply)
+            _fail(batch, reply)
             return
         retry = []
         for waiting, one in zip(batch, reply, strict=True):
             outcome = reserve_outcome(one, sale_id)
-            future = waiting[1]
             if outcome is None:
                 retry.append(waiting)
-            elif future.done():  # its request was cancelled; the order stands, as alone
-                continue
-            elif isinstance(outcome, Hold):
-                future.set_result(outcome)
             else:
-                future.set_exception(outcome)
+                _settle(waiting[1], outcome)
         if retry:
             self._await(sale_id, retry)
 
@@ -141,8 +138,7 @@ class Reservations:
         try:
             outcomes = await reserve_many(self._store, sale_id, [order for order, _ in batch])
         except Exception as exc:
-            for _, future in batch:
-                _settle(future, exc)
+            _fail(batch, exc)
             return
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             _settle(future, outcome)

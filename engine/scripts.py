@@ -66,15 +66,20 @@ class Script:
         elif count != self.key_count:
             raise ValueError(f"{self.name} takes {self.key_count} keys, got {count}")
 
-    async def __call__(self, redis: Redis, keys: list[str], args: list[Any]) -> list[Any]:
+    def evalsha(self, keys: list[str], args: list[Any]) -> tuple[Any, ...]:
+        """The EVALSHA command's arguments (after the command name), keys checked."""
         self.check_keys(len(keys))
+        return (self.sha, len(keys), *keys, *args)
+
+    async def __call__(self, redis: Redis, keys: list[str], args: list[Any]) -> list[Any]:
+        command = self.evalsha(keys, args)
         try:
-            reply = await redis.evalsha(self.sha, len(keys), *keys, *args)
+            reply = await redis.evalsha(*command)
         except NoScriptError:
             # Redis restarted or SCRIPT FLUSH ran: load it again and retry once. EVALSHA that
             # raised NOSCRIPT ran nothing, so the retry cannot apply the change twice.
             await redis.script_load(self.source)
-            reply = await redis.evalsha(self.sha, len(keys), *keys, *args)
+            reply = await redis.evalsha(*command)
         return reply  # type: ignore[no-any-return]
 
 

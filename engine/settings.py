@@ -69,8 +69,8 @@ class Settings:
     redis_pool_size: int = 64
     max_body_bytes: int = 4096
     drain_batch: int = 1000
-    # The drain's wait after a pass that did not fill a batch: the ledger trails Redis by about
-    # this much under a storm, and each batch is bigger (cheaper per order) the longer it is.
+    # The drain's wait after each pass: the ledger trails Redis by about this much under a
+    # storm, and each batch is bigger (cheaper per order) the longer it is.
     drain_poll_ms: int = 100
     claim_idle_ms: int = 30_000
     admin_token: str | None = field(default=None, repr=False)

@@ -74,10 +74,7 @@ local stock = tonumber(read[1] or '0')
 -- Records by key, so a key repeated inside the batch sees the answer given earlier in it.
 local records = {}
 for i = 1, n do
-  local key = KEYS[5 + 2 * i]
-  if records[key] == nil then
-    records[key] = read[i + 1]
-  end
+  records[KEYS[5 + 2 * i]] = read[i + 1]
 end
 
 local t = rcall('TIME')
@@ -104,8 +101,7 @@ local qty_s = {}
 
 -- Read on first need: a batch of replays or refusals never reads them.
 local has          -- user -> units, for every user of the batch
-local taken_ids    -- order key -> true when it exists (nil: none of the batch's ids exists)
-local ids_checked = false
+local taken_ids    -- order key -> true when that order exists or this batch created it
 
 local taken = 0
 local changes = {}
@@ -149,14 +145,14 @@ for i = 1, n do
     elseif stock < qty then
       replies[i] = {-9, stock}
     else
-      if not ids_checked then
-        ids_checked = true
+      if not taken_ids then
+        taken_ids = {}
         local order_keys = {}
         for j = 1, n do
           order_keys[j] = KEYS[4 + 2 * j]
         end
+        -- One call for the batch; one per key only when some id collided (64 random bits).
         if rcall('EXISTS', unpack(order_keys)) > 0 then
-          taken_ids = {}
           for j = 1, n do
             if rcall('EXISTS', order_keys[j]) == 1 then
               taken_ids[order_keys[j]] = true
@@ -164,7 +160,7 @@ for i = 1, n do
           end
         end
       end
-      if taken_ids and taken_ids[order_key] then
+      if taken_ids[order_key] then
         replies[i] = {-10}
       else
         if not expires then
@@ -172,7 +168,6 @@ for i = 1, n do
           expires_s = tostring(expires)
         end
         -- An id drawn twice inside the batch is taken by its first order.
-        taken_ids = taken_ids or {}
         taken_ids[order_key] = true
         stock = stock - qty
         taken = taken + qty

@@ -164,6 +164,23 @@ async def test_batch_draws_again_for_a_taken_order_id(
     assert order is not None and order["user"] == "alice"
 
 
+async def test_an_id_drawn_twice_in_one_batch_goes_to_its_first_order(
+    redis: Redis, redis_sale: SaleFactory, monkeypatch: pytest.MonkeyPatch
+):
+    sale = await redis_sale(stock=10)
+    twice, fresh = f"{sale.id}.00000000000000ab", f"{sale.id}.00000000000000cd"
+    drawn = iter([twice, twice, fresh])
+    monkeypatch.setattr(inventory, "new_order_ids", lambda _, n: [next(drawn) for _ in range(n)])
+    outcomes = await inventory.reserve_many(redis, sale.id, [("bob", 1, "k"), ("carol", 1, "k")])
+    assert [(o.order_id, o.quantity) for o in outcomes if isinstance(o, Hold)] == [
+        (twice, 1),
+        (fresh, 1),
+    ]
+    for order_id, user in ((twice, "bob"), (fresh, "carol")):
+        order = await inventory.read_order(redis, sale.id, order_id)
+        assert order is not None and order["user"] == user
+
+
 async def test_reserve_script_refuses_a_wrong_key_count(redis: Redis, redis_sale: SaleFactory):
     sale = await redis_sale()
     keys = sale_keys(sale.id)

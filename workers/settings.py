@@ -34,10 +34,8 @@ log = logging.getLogger("flashsale.worker")
 
 # How long one drain job keeps polling before the next tick's job takes over; under 1 s so two
 # ticks' jobs rarely overlap. After each pass the job waits FLASHSALE_DRAIN_POLL_MS, so under a
-# storm entries gather into batches instead of the loop
-# spinning on a few at a time: Postgres pays ~1 ms and the worker ~0.6 ms per batch whatever its
-# size (30,000 entries in batches of 160 against 1,000: 31 against 26 µs of Postgres and 9.4
-# against 5.5 µs of worker CPU per entry).
+# storm entries gather into batches instead of the loop spinning on a few at a time: Postgres
+# and the worker pay a fixed cost per batch whatever its size (`python -m engine.costs`).
 DRAIN_WINDOW_S = 0.9
 # Each pass that finds every outbox empty doubles the wait, up to this: polling four idle sales
 # every 20 ms cost the worker 6.4 % of a core.
@@ -92,8 +90,7 @@ async def drain_outboxes(ctx: dict[str, Any]) -> int:
         # next tick's job (same consumer) would otherwise start while this one still runs and
         # re-write its in-flight entries in its recovery pass.
         poll_s = settings.drain_poll_ms / 1000
-        idle_s = max(poll_s, min(poll_s * 2**empty_passes, IDLE_PAUSE_MAX_S))
-        pause = poll_s if this_pass else idle_s
+        pause = max(poll_s, min(poll_s * 2**empty_passes, IDLE_PAUSE_MAX_S))
         await asyncio.sleep(max(0.0, min(pause, deadline - time.monotonic())))
 
 
