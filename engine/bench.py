@@ -47,7 +47,7 @@ from engine.sales import create_sale
 from engine.scripts import load_scripts
 from engine.settings import Settings
 
-__all__ = ["BenchOptions", "run_bench"]
+__all__ = ["BenchOptions", "bench_sale", "run_bench"]
 
 # The fastest any server here could possibly take orders, with room to spare: phase (a)'s stock is
 # this times its duration, so "while stock lasts" holds for the whole phase (measured engine
@@ -134,7 +134,7 @@ class Servers:
             self.stop(name)
 
 
-def _sale(sale_id: str, stock: int, limit: int) -> SaleDefinition:
+def bench_sale(sale_id: str, stock: int, limit: int) -> SaleDefinition:
     now_ms = int(time.time() * 1000)
     return SaleDefinition(
         id=sale_id,
@@ -311,9 +311,9 @@ async def _bench(options: BenchOptions) -> dict[str, Any]:
         await load_scripts(redis)
         await _seed_tokens(settings, options, tokens)
         limit = options.per_user_limit
-        await create_sale(db, redis, _sale(ids["a"], options.phase_stock, limit))
-        await create_sale(db, redis, _sale(ids["b"], SOLD_OUT_STOCK, limit))
-        await create_sale(db, redis, _sale(ids["c"], options.drain_orders, 1))
+        await create_sale(db, redis, bench_sale(ids["a"], options.phase_stock, limit))
+        await create_sale(db, redis, bench_sale(ids["b"], SOLD_OUT_STOCK, limit))
+        await create_sale(db, redis, bench_sale(ids["c"], options.drain_orders, 1))
         await prepare_baseline(db, ids["base"], options.phase_stock)
         presold = await _place_directly(redis, ids["b"], SOLD_OUT_STOCK, "early-bird-")
 

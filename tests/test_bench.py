@@ -86,3 +86,39 @@ def test_bench_smoke_writes_a_complete_report(tmp_path: Path):
     markdown = (out / "report.md").read_text()
     assert "| ceiling (Starlette, no store) |" in markdown and "Invariants: **ok**" in markdown
     assert "| cores busy (machine) |" in markdown
+
+
+@pytest.mark.slow
+def test_costs_program_prints_every_figure():
+    """``python -m engine.costs``, tiny: the program behind the batch-size figures still runs."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "engine.costs",
+            "--orders",
+            "200",
+            "--rounds",
+            "1",
+            "--dir",
+            str(ROOT / ".flashsale" / "test-costs"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert sum("orders per call" in line and "µs" in line for line in lines) == 3
+    header = next(i for i, line in enumerate(lines) if "orders/entry" in line)
+    drain_rows = [line.split() for line in lines[header + 1 :] if line.strip()]
+    assert [(row[0], row[1]) for row in drain_rows] == [
+        ("1", "200"),
+        ("1", "1000"),
+        ("20", "200"),
+        ("20", "1000"),
+    ]
+    bad = subprocess.run(
+        [sys.executable, "-m", "engine.costs", "--orders", "0"], capture_output=True, text=True
+    )
+    assert bad.returncode == 2 and "at least 1" in bad.stderr
