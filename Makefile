@@ -1,6 +1,6 @@
 # The two commands a new machine needs: `make demo` and `make test` (see README.md).
 # Both install what they need first: Python packages into .venv, Debian's redis-server and
-# postgresql when missing (engine.localservices does that, and starts the servers itself).
+# postgresql when missing (localrun.servers does that, and starts the servers itself).
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -15,11 +15,11 @@ demo: $(STAMP)
 # The benchmark: engine vs a bare-Starlette ceiling vs a Postgres baseline, report in
 # bench-report/ (flashsale bench apt-gets Debian's wrk when it is missing).
 bench: $(STAMP)
-	$(BIN)/python -m engine.localservices install
+	$(BIN)/python -m localrun.servers install
 	$(BIN)/python -m engine.cli bench --out bench-report
 
 test: $(STAMP)
-	$(BIN)/python -m engine.localservices install
+	$(BIN)/python -m localrun.servers install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
@@ -39,10 +39,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 services-up: $(STAMP)
-	$(BIN)/python -m engine.localservices up
+	$(BIN)/python -m localrun.servers up
 
 services-down: $(STAMP)
-	$(BIN)/python -m engine.localservices down
+	$(BIN)/python -m localrun.servers down
 
 clean: services-down
 	rm -rf .flashsale

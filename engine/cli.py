@@ -53,9 +53,9 @@ async def _with_stores(fn: Callable[[Any, Any], Awaitable[T]]) -> T:
 
 # What `serve --app` can run; the bench's yardsticks are served by the very same uvicorn set-up.
 _SERVE_APPS = {
-    "engine": "engine.asgi:create",
-    "ceiling": "engine.asgi:ceiling",
-    "baseline": "engine.asgi:baseline",
+    "engine": "engine.http.asgi:create",
+    "ceiling": "loadtests.benchapps:ceiling",
+    "baseline": "loadtests.benchapps:baseline",
 }
 
 
@@ -195,7 +195,7 @@ def cmd_sale_status(args: argparse.Namespace) -> int:
 
 
 def cmd_token(args: argparse.Namespace) -> int:
-    from engine.auth import mint_tokens
+    from engine.http.auth import mint_tokens
 
     settings = _settings()
     if args.user:
@@ -267,7 +267,7 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from engine.demo import run_demo
+    from localrun.demo import run_demo
 
     return run_demo(
         base_dir=Path(args.dir),
@@ -279,7 +279,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from engine.bench import BenchOptions, run_bench
+    from loadtests.bench import BenchOptions, run_bench
 
     return run_bench(
         BenchOptions(

@@ -28,6 +28,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 __all__ = [
+    "PROBLEM_BASE",
+    "PROBLEM_MEDIA_TYPE",
+    "PROBLEM_SCOPE_KEY",
     "PROBLEM_TYPES",
     "BadRequest",
     "Conflict",
@@ -45,6 +48,8 @@ __all__ = [
 
 PROBLEM_BASE = "https://flashsale.dev/problems/"
 PROBLEM_MEDIA_TYPE = "application/problem+json"
+# Where an answered problem leaves its code in the ASGI scope, for the front door's request hook.
+PROBLEM_SCOPE_KEY = "flashsale.problem"
 
 
 class ProblemError(Exception):
@@ -178,7 +183,10 @@ def unexpected(exc: Exception) -> ProblemError:
 
 
 def problem_response(error: ProblemError, request: Request | None = None) -> Response:
-    instance = request.url.path if request is not None else None
+    instance = None
+    if request is not None:
+        instance = request.url.path
+        request.scope[PROBLEM_SCOPE_KEY] = error.code
     return Response(
         orjson.dumps(error.body(instance)),
         status_code=error.status_code,

@@ -121,7 +121,7 @@ async def audit_sale(
     if over:
         bad(f"{len(over)} shoppers above the limit of {limit}, e.g. {over[:3]}")
     users: dict[str, str] = await redis.hgetall(sale_keys(sale_id).users)
-    # Shoppers whose units all went back stay in the hash at 0 (engine.soldout needs them).
+    # Shoppers whose units all went back stay in the hash at 0 (engine.http.soldout needs them).
     counted = {user: int(n) for user, n in users.items() if n != "0"}
     if any(int(n) < 0 for n in users.values()):
         bad("a per-user counter is negative")

@@ -130,7 +130,7 @@ def _sale_error(code: Code, reply: list[Any], sale_id: str) -> ProblemError:
 
 
 def sold_out(available: int) -> Conflict:
-    """The answer to an order the stock cannot cover (from ``reserve`` or ``engine.soldout``)."""
+    """The answer to an order the stock cannot cover (``reserve``, or the sold-out memory)."""
     return Conflict("sold-out", "not enough stock left for this quantity", available=available)
 
 
@@ -246,7 +246,7 @@ async def reserve_many(
     redis: Redis, sale_id: str, orders: Sequence[Order]
 ) -> list[Hold | ProblemError]:
     """Place ``orders`` in one script call, decided one after another in the order given: each
-    gets what ``reserve`` alone would have answered at that point (``engine.reservations``
+    gets what ``reserve`` alone would have answered at that point (``engine.http.coalescer``
     batches a server's concurrent orders the same way)."""
     outcomes: list[Hold | ProblemError | None] = [None] * len(orders)
     pending = list(range(len(orders)))

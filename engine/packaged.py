@@ -1,4 +1,4 @@
-"""The data folders shipped inside the ``engine`` package: ``lua``, ``migrations``, ``loadtests``.
+"""The data folders shipped inside the ``engine`` package: ``lua`` and ``migrations``.
 
 Installed from a wheel they are the subpackages ``engine.lua`` and so on (pyproject's
 ``package-dir``). Run from a source checkout they are the top-level folders beside ``engine/``,
@@ -19,7 +19,7 @@ _CHECKOUT = Path(__file__).resolve().parent.parent
 
 
 def packaged(name: str) -> Traversable:
-    """The folder ``name`` ("lua", "migrations" or "loadtests") of this very ``engine``."""
+    """The folder ``name`` ("lua" or "migrations") of this very ``engine``."""
     beside = _CHECKOUT / name
     # pyproject.toml beside engine/ means a source checkout, not site-packages (where some other
     # distribution could have installed a top-level folder of the same name).

@@ -78,7 +78,7 @@ class Settings:
     stripe_api_base: str | None = None
     webhook_secret: str | None = field(default=None, repr=False)
     webhook_tolerance_s: int = 300
-    # How often a server re-reads a sold-out sale it answers by itself (engine.soldout); 0: it
+    # How often a server re-reads a sold-out sale it answers by itself (engine.http.soldout); 0: it
     # does not (the default: with several server processes it can break a replay's answer).
     sold_out_refresh_ms: int = 0
 

@@ -1,4 +1,4 @@
-"""Fixtures: real Redis and Postgres, started once for the session by ``engine.localservices``,
+"""Fixtures: real Redis and Postgres, started once for the session by ``localrun.servers``,
 flushed (Redis) and truncated (Postgres) before every test that uses them."""
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from engine import localservices
 from engine.db import connect_postgres, connect_redis, migrate
 from engine.inventory import SaleDefinition, load_sale
 from engine.sales import create_sale
 from engine.scripts import load_scripts
 from engine.settings import Settings
+from localrun import servers as localservices
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES_DIR = ROOT / ".flashsale" / "test"

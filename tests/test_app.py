@@ -11,9 +11,9 @@ import pytest
 from redis.asyncio import Redis
 
 from engine import inventory
-from engine.app import create_app
-from engine.auth import mint_token
 from engine.errors import PROBLEM_TYPES
+from engine.http.app import create_app
+from engine.http.auth import mint_token
 from engine.inventory import SaleDefinition, set_status
 from engine.settings import Settings
 from tests.conftest import SaleFactory

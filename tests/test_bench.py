@@ -69,7 +69,7 @@ def test_bench_smoke_writes_a_complete_report(tmp_path: Path):
     assert report["phases"]["engine"]["non_2xx"] == 0
     assert report["phases"]["sold_out"]["non_2xx"] == report["phases"]["sold_out"]["requests"]
     # CPU by process: each phase's own server and the load generator worked; the engine's
-    # orders cost Redis time, its sold-out answers (engine.soldout) almost none.
+    # orders cost Redis time, its sold-out answers (engine.http.soldout) almost none.
     cpu = {name: report["phases"][name]["cpu"]["us_per_request"] for name in PHASES}
     server = {
         "ceiling": "ceiling",
@@ -90,12 +90,12 @@ def test_bench_smoke_writes_a_complete_report(tmp_path: Path):
 
 @pytest.mark.slow
 def test_costs_program_prints_every_figure():
-    """``python -m engine.costs``, tiny: the program behind the batch-size figures still runs."""
+    """``python -m loadtests.costs``, tiny: the program behind the batch-size figures still runs."""
     result = subprocess.run(
         [
             sys.executable,
             "-m",
-            "engine.costs",
+            "loadtests.costs",
             "--orders",
             "200",
             "--rounds",
@@ -119,6 +119,6 @@ def test_costs_program_prints_every_figure():
         ("20", "1000"),
     ]
     bad = subprocess.run(
-        [sys.executable, "-m", "engine.costs", "--orders", "0"], capture_output=True, text=True
+        [sys.executable, "-m", "loadtests.costs", "--orders", "0"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "at least 1" in bad.stderr

@@ -6,6 +6,7 @@ import gc
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import asyncpg
@@ -13,11 +14,12 @@ import jwt
 import pytest
 from redis.asyncio import Redis
 
-from engine import asgi
 from engine.cli import build_parser
 from engine.db import migrate
+from engine.http import asgi
 from engine.keys import sale_keys
 from engine.settings import Settings
+from loadtests import benchapps
 from tests.conftest import flashsale
 
 
@@ -125,16 +127,20 @@ def test_production_without_a_key_exits_2(settings: Settings):
     assert result.returncode == 2 and "JWT" in result.stderr
 
 
-@pytest.mark.parametrize("factory", ["create", "ceiling", "baseline"])
+@pytest.mark.parametrize(
+    "factory",
+    [asgi.create, benchapps.ceiling, benchapps.baseline],
+    ids=["engine", "ceiling", "baseline"],
+)
 def test_every_server_factory_freezes_its_start_up_heap(
-    factory: str, settings: Settings, monkeypatch: pytest.MonkeyPatch
+    factory: Callable[[], object], settings: Settings, monkeypatch: pytest.MonkeyPatch
 ):
-    """`flashsale serve` builds each app through engine.asgi, which freezes what is alive then."""
+    """Every app `flashsale serve` runs freezes what is alive once it is built."""
     for name, value in settings.as_env().items():
         monkeypatch.setenv(name, value)
     gc.unfreeze()
     try:
-        app = getattr(asgi, factory)()
+        app = factory()
         assert app is not None and gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()

@@ -16,10 +16,10 @@ import asyncpg
 import pytest
 from redis.asyncio import Redis
 
-from engine import localservices
-from engine.demo import start_process, stop_process, wait_ready
 from engine.invariants import audit_sale, wait_for_ledger
 from engine.settings import Settings
+from localrun import servers as localservices
+from localrun.demo import start_process, stop_process, wait_ready
 from tests.conftest import ROOT, SaleFactory
 
 

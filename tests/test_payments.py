@@ -19,16 +19,16 @@ import stripe
 from redis.asyncio import Redis
 
 from engine import inventory
-from engine.app import create_app
-from engine.auth import mint_token
 from engine.checkout import ensure_intent
-from engine.demo import start_process, stop_process, wait_ready
+from engine.http.app import create_app
+from engine.http.auth import mint_token
 from engine.invariants import audit_sale, wait_for_ledger
 from engine.keys import sale_keys
-from engine.localservices import free_port
 from engine.payments import Intent, MockGateway, StripeGateway, intent_event, signed_event
 from engine.reconcile import reconcile
 from engine.settings import Settings
+from localrun.demo import start_process, stop_process, wait_ready
+from localrun.servers import free_port
 from tests.conftest import SaleFactory, flashsale
 from workers.holds import expire_sale
 from workers.outbox import drain_sale

@@ -1,4 +1,4 @@
-"""The reserve script's batches and the server's coalescing of orders (engine.reservations),
+"""The reserve script's batches and the server's coalescing of orders (engine.http.coalescer),
 against a real Redis: a batch answers each order as if it ran alone, in order."""
 
 from __future__ import annotations
@@ -15,13 +15,13 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError, ResponseError
 
 from engine import inventory
-from engine import reservations as reservations_module
 from engine.errors import Conflict, ProblemError
+from engine.http import coalescer as reservations_module
+from engine.http.coalescer import Reservations
+from engine.http.pipeline import PipelinedRedis
 from engine.inventory import MAX_BATCH, Hold, Order
 from engine.keys import OUTBOX_GROUP, sale_keys
 from engine.ledger import OrderChange, entry_changes, ledger_orders, write_changes
-from engine.pipeline import PipelinedRedis
-from engine.reservations import Reservations
 from engine.scripts import SCRIPTS
 from engine.settings import Settings
 from tests.conftest import SaleFactory

@@ -1,4 +1,4 @@
-"""Sold-out answers without Redis (engine.soldout): the view script's contract, and through the
+"""Sold-out answers without Redis (engine.http.soldout): the view script's contract, and through the
 real app that newcomers are answered locally while past buyers still get their replays."""
 
 from __future__ import annotations
@@ -13,13 +13,15 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from engine import inventory, reservations, soldout
-from engine.app import create_app
+from engine import inventory
+from engine.http import coalescer as reservations
+from engine.http import soldout
+from engine.http.app import create_app
+from engine.http.orderroute import OrderRoute
+from engine.http.soldout import SoldOutMemory
 from engine.keys import sale_keys
-from engine.orderpath import OrderRoute
 from engine.scripts import SCRIPTS
 from engine.settings import Settings
-from engine.soldout import SoldOutMemory
 from tests.conftest import SaleFactory
 from tests.test_app import assert_problem, auth, place
 from tests.test_scripts import snapshot
@@ -103,7 +105,7 @@ async def app_and_client(
     transport = httpx.ASGITransport(app=app)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-            yield app.order_route, c
+            yield app.state.order_route, c
 
 
 async def reserve_calls(redis: Redis) -> int:
@@ -268,7 +270,7 @@ async def test_off_by_default(settings: Settings, redis: Redis, redis_sale: Sale
                 answer = await place(client, off, sale, key=f"n{i}", user=f"n{i}")
                 assert_problem(answer, 409, "sold-out")
             await asyncio.sleep(0.05)
-            assert not app.order_route.sold_out.answers(sale.id, "newcomer", 1)
+            assert not app.state.order_route.sold_out.answers(sale.id, "newcomer", 1)
 
 
 async def test_flood_after_sell_out_keeps_every_replay_and_never_oversells(

@@ -15,13 +15,13 @@ import pytest
 from redis.asyncio import Redis
 
 from engine import inventory
-from engine.demo import start_process
 from engine.errors import Conflict
 from engine.invariants import audit_sale, outbox_backlog, wait_for_ledger
 from engine.keys import LIVE_SALES, OUTBOX_GROUP, sale_keys
 from engine.ledger import OrderChange, entry_changes, write_changes
 from engine.scripts import SCRIPTS
 from engine.settings import Settings
+from localrun.demo import start_process
 from tests.conftest import SaleFactory
 from workers.holds import expire_sale
 from workers.outbox import drain_sale

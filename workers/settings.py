@@ -35,7 +35,7 @@ log = logging.getLogger("flashsale.worker")
 # How long one drain job keeps polling before the next tick's job takes over; under 1 s so two
 # ticks' jobs rarely overlap. After each pass the job waits FLASHSALE_DRAIN_POLL_MS, so under a
 # storm entries gather into batches instead of the loop spinning on a few at a time: Postgres
-# and the worker pay a fixed cost per pass whatever its size (`python -m engine.costs`, entries
+# and the worker pay a fixed cost per pass whatever its size (`python -m loadtests.costs`, entries
 # of 20 orders, 1,000 against 200 orders per pass: worker 5.2 against 20.7 µs, Postgres 26.5
 # against 32.5 µs per order).
 DRAIN_WINDOW_S = 0.9

@@ -8,7 +8,7 @@
 -- last. An entry has ONE field: 'change' (one change) or 'changes' (several, joined by byte 30,
 -- ASCII record separator: a batch of reserve writes all its new orders as one entry; the drain's
 -- Redis CPU per order, entries of 20 against entries of 1: 1-2.5 against 8-10 µs,
--- `python -m engine.costs`).
+-- `python -m loadtests.costs`).
 -- engine/ledger.py reads both (Postgres splits the values). One packed field instead of 12 pairs:
 -- the drain worker's CPU per entry went from ~16 to ~4.6 µs and Redis's for the drain from ~8.2
 -- to ~6.7 µs (30,000 entries, 5 alternating rounds); reserve's own cost did not move measurably.

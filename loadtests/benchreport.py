@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from engine.cpumeter import MACHINE
+from loadtests.cpumeter import MACHINE
 
 __all__ = ["TARGETS", "profile_summary", "summary_table", "write_report"]
 

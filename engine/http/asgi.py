@@ -19,26 +19,17 @@ import gc
 
 from starlette.applications import Starlette
 
-from engine.app import create_app
-from engine.benchapps import create_baseline, create_ceiling
+from engine.http.app import create_app
 from engine.settings import Settings
 
-__all__ = ["baseline", "ceiling", "create"]
+__all__ = ["create", "settled"]
 
 
-def _settled(app: Starlette) -> Starlette:
+def settled(app: Starlette) -> Starlette:
     gc.collect()
     gc.freeze()
     return app
 
 
 def create() -> Starlette:
-    return _settled(create_app(Settings.from_env()))
-
-
-def ceiling() -> Starlette:
-    return _settled(create_ceiling())
-
-
-def baseline() -> Starlette:
-    return _settled(create_baseline())
+    return settled(create_app(Settings.from_env()))

@@ -7,7 +7,7 @@ hold index and an outbox entry: 12 ``redis.call``s. Together, the orders of one 
 reads and writes (10 calls per batch, then 2 per order: the order hash and the idempotency
 record; the batch's new orders travel in ONE outbox entry, so the drain also reads,
 acknowledges and deletes once per batch), and Redis parses one command instead of one per
-order. Measured: ``python -m engine.costs`` (``INFO commandstats``, 20,000 orders), calls of 1,
+order. Measured: ``python -m loadtests.costs`` (``INFO commandstats``, 20,000 orders), calls of 1,
 20 and 64 orders, 69, 27 and 23 µs of Redis CPU per order; ``make bench``, Redis CPU per order
 in the engine phase 51 -> 34 µs, drain worker 8 -> 5 µs. Each order is still decided exactly
 as if it ran alone, in arrival order, and still costs the shopper one Redis round trip.
@@ -34,8 +34,8 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
+from engine.http.pipeline import PipelinedRedis
 from engine.inventory import MAX_BATCH, Hold, Order, reserve_call, reserve_many, reserve_outcome
-from engine.pipeline import PipelinedRedis
 from engine.scripts import SCRIPTS
 
 __all__ = ["Reservations"]

@@ -1,6 +1,6 @@
 """``flashsale demo``: a whole flash sale on this machine, start to finish, with its invariants.
 
-Starts Redis and Postgres (``engine.localservices``), the API server and an arq worker as real
+Starts Redis and Postgres (``localrun.servers``), the API server and an arq worker as real
 processes, storms the sale with thousands of concurrent shoppers over HTTP, waits for the ledger,
 prints a report, and stops everything it started, whatever happens.
 """
@@ -21,15 +21,15 @@ from pathlib import Path
 import aiohttp
 from redis.asyncio import Redis
 
-from engine import localservices
-from engine.auth import mint_tokens
 from engine.db import connect_postgres, connect_redis, migrate
+from engine.http.auth import mint_tokens
 from engine.invariants import audit_sale, wait_for_ledger
 from engine.inventory import SaleDefinition
 from engine.payments import MockGateway, signed_event
 from engine.sales import create_sale
 from engine.scripts import load_scripts
 from engine.settings import Settings
+from localrun import servers as localservices
 
 __all__ = ["Storm", "run_demo", "start_process", "stop_process", "wait_ready"]
 

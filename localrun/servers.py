@@ -465,11 +465,11 @@ def status(base_dir: Path) -> dict[str, str | None]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m engine.localservices",
+        prog="python -m localrun.servers",
         description="Run flashsale's own Redis and PostgreSQL on 127.0.0.1 (free ports), with "
         "their data, logs and services.json in --dir.",
-        epilog='typical: python -m engine.localservices up; eval "$(python -m '
-        'engine.localservices env)"; ...; python -m engine.localservices down',
+        epilog='typical: python -m localrun.servers up; eval "$(python -m '
+        'localrun.servers env)"; ...; python -m localrun.servers down',
     )
     parser.add_argument(
         "action",

@@ -4,7 +4,7 @@ One command starts its own Redis and Postgres (in ``--dir``, which the bench own
 seeds sales, and drives each server in turn with wrk, same connections, duration, request shape
 and uvicorn set-up:
 
-1. **ceiling**: a bare Starlette endpoint, token and body only (``engine.benchapps``);
+1. **ceiling**: a bare Starlette endpoint, token and body only (``loadtests.benchapps``);
 2. **engine** placing orders while stock lasts (stock sized so the phase cannot sell out),
    with an outbox worker running beside it, then the time until the ledger has every order;
 3. **sold out**: the engine answering a sale that has no stock left;
@@ -33,19 +33,19 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from engine import localservices
-from engine.auth import mint_tokens
-from engine.benchapps import baseline_counts, prepare_baseline
-from engine.benchreport import profile_summary, write_report
-from engine.cpumeter import CpuMeter, children_of, postmaster_and_backends, processes_s
 from engine.db import connect_postgres, connect_redis, migrate
-from engine.demo import start_process, stop_process, wait_ready
+from engine.http.auth import mint_tokens
 from engine.invariants import SaleAudit, audit_sale, outbox_backlog, wait_for_ledger
 from engine.inventory import SaleDefinition, reserve
-from engine.loadgen import Phase, ensure_wrk, run_phase, run_slice
 from engine.sales import create_sale
 from engine.scripts import load_scripts
 from engine.settings import Settings
+from loadtests.benchapps import baseline_counts, prepare_baseline
+from loadtests.benchreport import profile_summary, write_report
+from loadtests.cpumeter import CpuMeter, children_of, postmaster_and_backends, processes_s
+from loadtests.loadgen import Phase, ensure_wrk, run_phase, run_slice
+from localrun import servers as localservices
+from localrun.demo import start_process, stop_process, wait_ready
 
 __all__ = ["BenchOptions", "bench_sale", "run_bench"]
 
@@ -286,7 +286,7 @@ async def _bench(options: BenchOptions) -> dict[str, Any]:
         jwt_secret=secrets.token_urlsafe(32),
         server_workers=options.server_workers,
         hold_seconds=3600,
-        # Sold-out answers from memory (engine.soldout): exact with one server process.
+        # Sold-out answers from memory (engine.http.soldout): exact with one server process.
         sold_out_refresh_ms=SOLD_OUT_REFRESH_MS,
     )
     await migrate(settings.database_url)

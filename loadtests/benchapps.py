@@ -27,13 +27,22 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from engine.auth import TokenVerifier
 from engine.errors import BadRequest, Conflict, ProblemError, problem_response
+from engine.http.asgi import settled
+from engine.http.auth import TokenVerifier
+from engine.http.bodies import order_body, quantity_of
 from engine.ids import is_idempotency_key, new_order_id
-from engine.orderpath import order_body, quantity_of
 from engine.settings import Settings
 
-__all__ = ["BASELINE_POOL_SIZE", "create_baseline", "create_ceiling", "prepare_baseline"]
+__all__ = [
+    "BASELINE_POOL_SIZE",
+    "baseline",
+    "baseline_counts",
+    "ceiling",
+    "create_baseline",
+    "create_ceiling",
+    "prepare_baseline",
+]
 
 # Connections the baseline server keeps to Postgres: its best measured size, so the comparison
 # flatters the baseline rather than the engine. Every order updates the same row, and more
@@ -177,3 +186,13 @@ def create_baseline() -> Starlette:
         return Response(body, status_code=201, media_type="application/json")
 
     return _app(settings, place_order, lifespan)
+
+
+def ceiling() -> Starlette:
+    """The ceiling's ASGI factory, for uvicorn (settled like the engine's)."""
+    return settled(create_ceiling())
+
+
+def baseline() -> Starlette:
+    """The baseline's ASGI factory, for uvicorn (settled like the engine's)."""
+    return settled(create_baseline())

@@ -20,8 +20,6 @@ from typing import Any
 
 import orjson
 
-from engine.packaged import packaged
-
 __all__ = ["Phase", "Slice", "ensure_wrk", "run_phase", "run_slice", "wrk_script"]
 
 _MARK = "WRK_RESULT "
@@ -49,7 +47,7 @@ def ensure_wrk() -> str:
 
 
 def wrk_script() -> Path:
-    return Path(str(packaged("loadtests").joinpath("wrk_orders.lua")))
+    return Path(__file__).resolve().with_name("wrk_orders.lua")
 
 
 @dataclass

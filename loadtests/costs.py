@@ -1,5 +1,5 @@
-"""``python -m engine.costs``: what one order costs Redis, Postgres and the drain worker, by
-batch size. The figures behind ``engine.reservations`` (orders per reserve call) and the drain's
+"""``python -m loadtests.costs``: what one order costs Redis, Postgres and the drain worker, by
+batch size. The figures behind ``engine.http.coalescer`` (orders per reserve call) and the drain's
 wait between passes (``FLASHSALE_DRAIN_POLL_MS``): a program that prints them, not a test.
 
 It starts its own Redis (AOF everysec, as the bench) and Postgres in ``--dir``, then, in
@@ -29,13 +29,13 @@ from pathlib import Path
 import asyncpg
 from redis.asyncio import Redis
 
-from engine import localservices
-from engine.bench import bench_sale
-from engine.cpumeter import postmaster_and_backends, processes_s
 from engine.db import migrate
 from engine.inventory import reserve_many
 from engine.sales import create_sale
 from engine.scripts import load_scripts
+from loadtests.bench import bench_sale
+from loadtests.cpumeter import postmaster_and_backends, processes_s
+from localrun import servers as localservices
 from workers.outbox import drain_sale
 
 __all__ = ["main"]
@@ -133,7 +133,7 @@ async def _run(base: Path, orders: int, rounds: int) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m engine.costs",
+        prog="python -m loadtests.costs",
         description="Print what one order costs Redis, Postgres and the drain worker, by batch "
         "size (reserve calls of 1/20/64 orders; drain passes of 200/1,000 orders written 1 or "
         "20 to an outbox entry). Starts its own Redis and Postgres in --dir, which it empties.",

@@ -1,0 +1,112 @@
+"""The HTTP front door: the app, and the one table of every route it answers.
+
+Each shopper action is one Lua call in Redis. The order route (``POST
+/v1/sales/{sale_id}/orders``) makes exactly one Redis round trip and never touches Postgres: it
+is a bare ASGI handler answered before Starlette's middleware (``BareRoute``), but it is listed
+here with the others and passes the same request hook (``engine.http.routing``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import asyncpg
+from redis.asyncio import Redis
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Route
+
+from engine.db import connect_redis
+from engine.errors import ProblemError, problem_response, unexpected
+from engine.http import admin, orders, probes, sales, webhooks
+from engine.http.auth import TokenVerifier
+from engine.http.context import Services
+from engine.http.orderroute import OrderRoute
+from engine.http.routing import BareRoute, FrontDoor, RequestHook
+from engine.payments import make_gateway
+from engine.scripts import load_scripts
+from engine.settings import Settings
+
+__all__ = ["create_app", "route_table"]
+
+log = logging.getLogger("flashsale.app")
+
+
+def route_table(order_route: OrderRoute) -> list[BaseRoute]:
+    """Every route of the API, in one place."""
+    return [
+        BareRoute("/v1/sales/{sale_id}/orders", order_route, methods=["POST"]),
+        Route("/v1/sales/{sale_id}", sales.get_sale, methods=["GET"]),
+        Route("/v1/orders/{order_id}", orders.get_order, methods=["GET"]),
+        Route("/v1/orders/{order_id}/cancel", orders.cancel_order, methods=["POST"]),
+        Route("/v1/orders/{order_id}/pay", orders.pay_order, methods=["POST"]),
+        Route("/v1/webhooks/stripe", webhooks.stripe_webhook, methods=["POST"]),
+        Route("/v1/admin/orders/{order_id}/refund", admin.refund_order, methods=["POST"]),
+        Route("/health", probes.health, methods=["GET"]),
+        Route("/ready", probes.ready, methods=["GET"]),
+        Route("/openapi.json", probes.openapi, methods=["GET"]),
+    ]
+
+
+async def _on_problem(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ProblemError)
+    return problem_response(exc, request)
+
+
+async def _on_http(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "bad-request")
+    problem = ProblemError(
+        code, str(exc.detail), status=exc.status_code, headers=dict(exc.headers or {})
+    )
+    return problem_response(problem, request)
+
+
+async def _on_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return problem_response(unexpected(exc), request)
+
+
+def create_app(
+    settings: Settings, redis: Redis | None = None, hook: RequestHook | None = None
+) -> FrontDoor:
+    """The engine's ASGI app. ``redis``: a client to use instead of one made from the settings
+    (the caller closes it); ``hook``: called around every request (``RequestHook``)."""
+    verifier = TokenVerifier(settings)
+    order_route = OrderRoute(settings, verifier)
+    found = Services(settings, verifier)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        client = redis or connect_redis(settings)
+        found.redis = client
+        found.gateway = make_gateway(settings, client)
+        # Webhooks and payments only: the order path never takes a Postgres connection.
+        found.db = await asyncpg.create_pool(settings.database_url, min_size=0, max_size=8)
+        await load_scripts(client)
+        try:
+            yield
+        finally:
+            await order_route.aclose()
+            await found.payments.aclose()
+            await found.ledger.close()
+            if redis is None:
+                await client.aclose()
+
+    app = FrontDoor(
+        routes=route_table(order_route),
+        hook=hook,
+        lifespan=lifespan,
+        exception_handlers={
+            ProblemError: _on_problem,
+            HTTPException: _on_http,
+            Exception: _on_error,
+        },
+    )
+    app.state.services = found
+    app.state.order_route = order_route
+    return app
