@@ -15,7 +15,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from engine.packaged import packaged
 from engine.settings import Settings
 
-__all__ = ["connect_postgres", "connect_redis", "migrate", "pending_migrations"]
+__all__ = ["connect_postgres", "connect_redis", "migrate"]
 
 _MIGRATION = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 # Any constant will do; it only has to be the same in every process that migrates.
@@ -51,11 +51,6 @@ def _migrations() -> list[tuple[int, str, str]]:
         if match:
             found.append((int(match.group(1)), match.group(2), entry.read_text(encoding="utf-8")))
     return sorted(found)
-
-
-async def pending_migrations(conn: asyncpg.Connection) -> list[tuple[int, str]]:
-    applied = await _applied(conn)
-    return [(number, name) for number, name, _ in _migrations() if number not in applied]
 
 
 async def _applied(conn: asyncpg.Connection) -> set[int]:

@@ -18,7 +18,7 @@ from engine.inventory import read_sale
 from engine.keys import sale_keys
 from engine.ledger import ledger_orders
 
-__all__ = ["SaleAudit", "audit_sale", "redis_orders", "wait_for_ledger"]
+__all__ = ["SaleAudit", "audit_sale", "outbox_backlog", "redis_orders", "wait_for_ledger"]
 
 LIVE_STATES = ("reserved", "paid")
 

@@ -18,7 +18,7 @@ from redis.exceptions import NoScriptError
 
 from engine.packaged import packaged
 
-__all__ = ["SCRIPTS", "Code", "Script"]
+__all__ = ["SCRIPTS", "Code", "Script", "load_scripts"]
 
 
 class Code(IntEnum):

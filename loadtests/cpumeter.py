@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["CpuMeter", "children_of", "postmaster_and_backends", "processes_s"]
+__all__ = ["MACHINE", "CpuMeter", "children_of", "postmaster_and_backends", "processes_s"]
 
 _TICK = os.sysconf("SC_CLK_TCK")
 LOAD_GENERATOR = "wrk"
