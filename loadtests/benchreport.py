@@ -14,7 +14,8 @@ from loadtests.cpumeter import MACHINE
 
 __all__ = ["TARGETS", "profile_summary", "summary_table", "write_report"]
 
-# (report path, comparison, bound, what it means): the targets of issue 4, read off the report.
+# (report path, comparison, bound, what it means): the targets the engine is held to, read off
+# the report.
 TARGETS: list[tuple[str, str, float, str]] = [
     ("ratios.engine_to_ceiling", ">=", 0.75, "orders while stock lasts vs the ceiling"),
     ("ratios.engine_p99_to_ceiling_p99", "<=", 2.0, "their p99 latency vs the ceiling's"),

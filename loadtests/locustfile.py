@@ -167,7 +167,7 @@ class Shopper(FastHttpUser):
         # else: walks away; the hold expires on its own
 
     def _pay(self, order_id: str) -> None:
-        # -- payments (issue 3) -----------------------------------------------------------
+        # -- payments -----------------------------------------------------------------
         # The shopper asks for the order's PaymentIntent; "Stripe" (StripeWebhooks below)
         # later reports it succeeded. With the mock gateway the intent is made by the server.
         with self.client.post(

@@ -16,8 +16,8 @@
   Returns {code, ...}:
      1 OK  {1, now ms, end ms, per-order maximum, per-user limit, shoppers, fingerprint,
             names or false}
-           The sale is open, inside its window, has no stock at all, and was first loaded by a
-           version that keeps every buyer in users (buyers_kept). `names` lists every shopper
+           The sale is open, inside its window, has no stock at all, and is marked buyers_kept
+           (every shopper who ever held a unit stays in users; load_sale sets it). `names` lists every shopper
            in users, or is false when the fingerprint is ARGV[1]'s.
     -1 SALE_NOT_FOUND
     -9 SOLD_OUT {-9, stock}: not for the caller to answer by itself: stock is back, or the sale

@@ -6,7 +6,7 @@ asyncpg, pyjwt and the Stripe SDK are a few hundred thousand objects that never 
 full collection walked all of them. Measured on the engine under the bench's load (wrk, 64
 connections, one uvicorn process): full collections took ~20 ms each, all 64 requests in flight
 waiting behind them. Side by side in one run (6 rounds of 2 s each): frozen 11,696 orders/s at
-p99 12.4 ms, not frozen 10,826 at p99 21.3 ms (an earlier run: p99 30.7 -> 15.5 ms). The
+p99 12.4 ms, not frozen 10,826 at p99 21.3 ms. The
 ceiling did not move (19,596 vs 19,469 req/s): fewer modules, fewer survivors. Objects made
 later are collected as before, so reference cycles (an exception's traceback, say) are still
 freed. The ceiling and the baseline get the same treatment: every server of the bench runs

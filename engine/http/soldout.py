@@ -7,8 +7,8 @@ re-reads it every ``refresh_s``. While that view is fresh, an order is answered 
 very answer ``reserve`` would give (409 ``sold-out``, ``available: 0``), when:
 
 - the shopper never held a unit of the sale. Idempotency records are written only with a
-  hold, and the view lists every shopper who ever held one (``users`` keeps them at 0; a sale
-  first loaded by a version that still removed them is never answered here), plus those this
+  hold, and the view lists every shopper who ever held one (``users`` keeps them at 0; the
+  view refuses a sale without the ``buyers_kept`` mark that promises so), plus those this
   process gave a hold to since the watch began (a view read already on its way when their
   reserve ran after it cannot list them). So this request cannot be a replay owed its first
   answer;
@@ -21,7 +21,7 @@ Everyone else (a past buyer, who may be replaying; a bigger quantity) goes to Re
 What it costs: stock that comes back (a cancel, an expired hold) is seen at the next read, so
 for up to ``refresh_s`` newcomers hear "sold out" as if someone had been faster; a pause or a
 close is seen as late. With one server process in front of a sale that is all. With several
-there is one more corner, and it breaks DESIGN's "a replay returns the first answer": a
+there is one more corner, and it breaks the contract that a replay returns the first answer: a
 newcomer who takes a returned unit through another process and replays through this one
 inside that same window hears "sold out" instead of the replay. So it is off unless
 ``FLASHSALE_SOLD_OUT_REFRESH_MS`` is set (``flashsale bench`` sets 50).
