@@ -1,8 +1,8 @@
 """Shopper identity: bearer JWTs, verified with a pinned algorithm, cached until they expire.
 
 pyjwt's decode costs ~55 µs a call on a 2-core machine (the bench's ceiling with and without the
-cache: see README), more than the whole Redis round trip's client overhead; a shopper in a storm sends the same token many times, so
-a verified token is remembered until its own ``exp``.
+cache: see README), more than the whole Redis round trip's client overhead; a shopper in a storm
+sends the same token many times, so a verified token is remembered until its own ``exp``.
 """
 
 from __future__ import annotations
