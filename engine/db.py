@@ -22,13 +22,19 @@ _MIGRATION = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 _MIGRATION_LOCK = 0x_F1A5_5A1E
 
 
-def connect_redis(settings: Settings, pool_size: int | None = None) -> Redis:
+def connect_redis(
+    settings: Settings, pool_size: int | None = None, deadline_s: float | None = None
+) -> Redis:
+    """A client on a pool of ``pool_size`` connections. ``deadline_s``: the longest any call
+    waits (for a free connection, to connect, for a reply); None waits as long as it takes."""
     # A blocking pool: under a storm, requests queue for a connection instead of opening
     # thousands of sockets (and per-request connection set-up stays off the order path).
     pool = BlockingConnectionPool.from_url(
         settings.redis_url,
         max_connections=pool_size or settings.redis_pool_size,
-        timeout=5,
+        timeout=5 if deadline_s is None else deadline_s,
+        socket_timeout=deadline_s,
+        socket_connect_timeout=deadline_s,
         decode_responses=True,
         health_check_interval=0,
     )

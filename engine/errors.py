@@ -176,7 +176,11 @@ def unexpected(exc: Exception) -> ProblemError:
     A store that cannot be reached is a 503 worth retrying (with the same Idempotency-Key the
     retry is safe whether or not the first attempt ran)."""
     if isinstance(exc, RedisError | OSError):
-        return Unavailable("not-ready", "the inventory store is unreachable; retry")
+        return Unavailable(
+            "not-ready",
+            "the inventory store is unreachable or stalled; retry with the same Idempotency-Key",
+            headers={"Retry-After": "1"},
+        )
     return ProblemError(
         "internal-error", "the server failed unexpectedly; retry with the same Idempotency-Key"
     )

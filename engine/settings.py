@@ -23,6 +23,8 @@ This is the only module that reads ``os.environ``. Everything else receives a ``
 | FLASHSALE_STRIPE_API_BASE      | Stripe's own (tests point it at localstripe) |
 | FLASHSALE_WEBHOOK_SECRET       | none: webhook signing secret (``whsec_…``) |
 | FLASHSALE_WEBHOOK_TOLERANCE_S  | ``300``: older signatures are refused     |
+| FLASHSALE_REDIS_DEADLINE_MS    | ``1000``: the server's wait for Redis, then 503 |
+| FLASHSALE_MAX_ORDERS_IN_FLIGHT | ``2048``: orders awaiting Redis per process; more get 503 |
 """
 
 from __future__ import annotations
@@ -81,6 +83,12 @@ class Settings:
     # How often a server re-reads a sold-out sale it answers by itself (engine.http.soldout); 0: it
     # does not (the default: with several server processes it can break a replay's answer).
     sold_out_refresh_ms: int = 0
+    # How long a server waits for Redis before answering 503 (engine.http.pipeline): a stalled
+    # Redis must not hold every shopper.
+    redis_deadline_ms: int = 1000
+    # Orders of one server process waiting for Redis at once; past it new ones get 503 at once
+    # rather than queueing behind a slow Redis (engine.http.coalescer).
+    max_orders_in_flight: int = 2048
 
     @property
     def jwt_algorithm(self) -> str:
@@ -130,6 +138,10 @@ class Settings:
             sold_out_refresh_ms=_int(
                 env, "FLASHSALE_SOLD_OUT_REFRESH_MS", cls.sold_out_refresh_ms, 0
             ),
+            redis_deadline_ms=_int(env, "FLASHSALE_REDIS_DEADLINE_MS", cls.redis_deadline_ms, 10),
+            max_orders_in_flight=_int(
+                env, "FLASHSALE_MAX_ORDERS_IN_FLIGHT", cls.max_orders_in_flight, 1
+            ),
         )
         if settings.environment == "production" and not (
             settings.jwt_secret or settings.jwt_public_key
@@ -173,6 +185,8 @@ class Settings:
             "FLASHSALE_CLAIM_IDLE_MS": str(self.claim_idle_ms),
             "FLASHSALE_WEBHOOK_TOLERANCE_S": str(self.webhook_tolerance_s),
             "FLASHSALE_SOLD_OUT_REFRESH_MS": str(self.sold_out_refresh_ms),
+            "FLASHSALE_REDIS_DEADLINE_MS": str(self.redis_deadline_ms),
+            "FLASHSALE_MAX_ORDERS_IN_FLIGHT": str(self.max_orders_in_flight),
         }
         optional = {
             "FLASHSALE_JWT_SECRET": self.jwt_secret,

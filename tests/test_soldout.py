@@ -101,7 +101,15 @@ async def test_view_refuses_outside_the_window(redis: Redis, redis_sale: SaleFac
 async def app_and_client(
     settings: Settings, redis: Redis
 ) -> AsyncIterator[tuple[OrderRoute, httpx.AsyncClient]]:
-    app = create_app(replace(settings, sold_out_refresh_ms=REFRESH_MS), redis)
+    # The floods below put thousands of orders in flight in one process at once, with no
+    # server in front to spread them: lift the back-pressure cap and the deadline out of reach.
+    flood = replace(
+        settings,
+        sold_out_refresh_ms=REFRESH_MS,
+        max_orders_in_flight=100_000,
+        redis_deadline_ms=60_000,
+    )
+    app = create_app(flood, redis)
     transport = httpx.ASGITransport(app=app)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:

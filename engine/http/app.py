@@ -82,7 +82,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        client = redis or connect_redis(settings)
+        # A request's Redis calls share the order path's deadline: a stalled Redis answers
+        # 503 within it instead of holding the request.
+        client = redis or connect_redis(settings, deadline_s=settings.redis_deadline_ms / 1000)
         found.redis = client
         found.gateway = make_gateway(settings, client)
         # Webhooks and payments only: the order path never takes a Postgres connection.

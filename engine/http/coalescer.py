@@ -24,6 +24,10 @@ connects), NOSCRIPT (it loads the script), an order id already taken (it draws a
 order whose batch fails (the connection is lost, Redis refuses) gets that failure, as it would
 have alone; the shopper retries with the same Idempotency-Key, which is safe whether or not the
 script ran.
+
+Back-pressure: at most ``max_in_flight`` orders of the process wait for Redis at once. Past
+that a new order is refused at once with 503 ``overloaded`` and ``Retry-After`` instead of
+joining a queue that a slow Redis would turn into timeouts for everyone behind it.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from typing import Any
 
 from redis.exceptions import NoScriptError
 
+from engine.errors import Unavailable
 from engine.http.pipeline import PipelinedRedis
 from engine.inventory import MAX_BATCH, Hold, Order, reserve_call, reserve_many, reserve_outcome
 from engine.scripts import SCRIPTS
@@ -64,15 +69,27 @@ def _fail(batch: list[_Waiting], error: BaseException) -> None:
 class Reservations:
     """Places orders on ``store``, coalescing those issued in the same event-loop turn."""
 
-    def __init__(self, store: PipelinedRedis) -> None:
+    def __init__(self, store: PipelinedRedis, max_in_flight: int = 2048) -> None:
         self._store = store
         self._waiting: dict[str, list[_Waiting]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._max_in_flight = max_in_flight
+        # Orders handed to reserve() and not yet settled. Counted down once per batch at each
+        # place a batch ends (answered, failed, retried on the awaitable path).
+        self.in_flight = 0
 
     def reserve(
         self, sale_id: str, user_id: str, quantity: int, idempotency_key: str
     ) -> asyncio.Future[Hold]:
         """What ``inventory.reserve`` answers, once the turn's batch has run."""
+        if self.in_flight >= self._max_in_flight:
+            raise Unavailable(
+                "overloaded",
+                "too many orders are waiting for the inventory store; retry shortly with the "
+                "same Idempotency-Key",
+                headers={"Retry-After": "1"},
+            )
+        self.in_flight += 1
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Hold] = loop.create_future()
         if not self._waiting and not self._store.before_write(self._send):
@@ -94,6 +111,7 @@ class Reservations:
                 command = _SCRIPT.evalsha(*reserve_call(sale_id, [order for order, _ in batch]))
             except Exception as exc:  # nothing was sent: the batch's shoppers hear why
                 _fail(batch, exc)
+                self.in_flight -= len(batch)
                 continue
             self._store.send(("EVALSHA", *command), partial(self._answer, sale_id, batch))
 
@@ -102,18 +120,23 @@ class Reservations:
         # batch's shoppers, not the protocol (which would drop the connection and leave them
         # waiting for good).
         try:
-            self._hand_out(sale_id, batch, reply)
+            retry = self._hand_out(sale_id, batch, reply)
         except Exception as exc:
             _fail(batch, exc)
+            retry = []
+        self.in_flight -= len(batch) - len(retry)
+        if retry:
+            self._await(sale_id, retry)
 
-    def _hand_out(self, sale_id: str, batch: list[_Waiting], reply: Any) -> None:
+    def _hand_out(self, sale_id: str, batch: list[_Waiting], reply: Any) -> list[_Waiting]:
+        """Settle the batch's orders from ``reply``; returns those to retry on the awaitable
+        path."""
         if isinstance(reply, NoScriptError):
             # EVALSHA that raised NOSCRIPT ran nothing: the awaitable path loads the script.
-            self._await(sale_id, batch)
-            return
+            return batch
         if isinstance(reply, BaseException):
             _fail(batch, reply)
-            return
+            return []
         retry = []
         for waiting, one in zip(batch, reply, strict=True):
             outcome = reserve_outcome(one, sale_id)
@@ -121,8 +144,7 @@ class Reservations:
                 retry.append(waiting)
             else:
                 _settle(waiting[1], outcome)
-        if retry:
-            self._await(sale_id, retry)
+        return retry
 
     def _send_awaiting(self) -> None:
         for sale_id, batch in self._batches():
@@ -140,6 +162,8 @@ class Reservations:
         except Exception as exc:
             _fail(batch, exc)
             return
+        finally:
+            self.in_flight -= len(batch)
         for (_, future), outcome in zip(batch, outcomes, strict=True):
             _settle(future, outcome)
 

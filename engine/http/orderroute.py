@@ -55,8 +55,8 @@ class OrderRoute:
     def __init__(self, settings: Settings, verifier: TokenVerifier) -> None:
         self._verifier = verifier
         self._limit = settings.max_body_bytes
-        self.store = PipelinedRedis(settings.redis_url)
-        self.reservations = Reservations(self.store)
+        self.store = PipelinedRedis(settings.redis_url, settings.redis_deadline_ms / 1000)
+        self.reservations = Reservations(self.store, settings.max_orders_in_flight)
         self.sold_out = SoldOutMemory(self.store, settings.sold_out_refresh_ms / 1000)
 
     async def _body(self, receive: Receive) -> bytes | None:

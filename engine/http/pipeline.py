@@ -16,6 +16,14 @@ connection fails every waiting call with ``ConnectionError`` (the caller answers
 shopper retries with the same Idempotency-Key, which is safe whether or not the script ran);
 the next call reconnects.
 
+Every wait has a deadline. A stalled Redis (stopped, swapping, a slow script) accepts commands
+and answers nothing, so a lost connection is not the only failure: a watchdog, one timer per
+connection rather than one per command, checks a few times per deadline whether commands have
+waited that long without a single reply arriving. If so the connection is given up (closed, so
+no late reply can be matched to a newer command) and every waiting call fails with
+``RedisStalled``: the shoppers hear 503 within about the deadline, and the next call connects
+afresh. Connecting has the same deadline.
+
 It speaks just enough of redis-py's interface for ``engine.scripts.Script`` (``evalsha``,
 ``script_load``), so the typed script wrappers work on either client unchanged.
 """
@@ -26,18 +34,23 @@ import asyncio
 import ssl
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any, cast
 
 import hiredis
 from redis.connection import parse_url
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError
 
-__all__ = ["PipelinedRedis", "ReplyCallback"]
+__all__ = ["PipelinedRedis", "RedisStalled", "ReplyCallback"]
 
 # Called with a command's reply, or with the exception it failed with (a ``ResponseError``,
 # ``NoScriptError`` or ``ConnectionError`` instance), in the protocol's data_received.
 ReplyCallback = Callable[[Any], None]
 _Waiter = asyncio.Future[Any] | ReplyCallback
+
+
+class RedisStalled(ConnectionError):  # type: ignore[misc]
+    """Redis took longer than the deadline to answer; the connection was given up."""
 
 
 def _error(reply: ResponseError) -> ResponseError:
@@ -46,7 +59,13 @@ def _error(reply: ResponseError) -> ResponseError:
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self) -> None:
+    def __init__(self, deadline_s: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.deadline_s = deadline_s
+        # When the oldest waiting command last saw progress: sent into an idle connection, or
+        # any reply arrived since. One clock read per write burst or reply chunk, not per call.
+        self.progress_at = 0.0
+        self.watchdog: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self.reader = hiredis.Reader(encoding="utf-8", replyError=ResponseError)
         self.waiting: deque[_Waiter] = deque()
@@ -62,6 +81,8 @@ class _Protocol(asyncio.Protocol):
             asyncio.get_running_loop().call_soon(self.flush)
 
     def enqueue(self, args: tuple[Any, ...], waiter: _Waiter) -> None:
+        if not self.waiting:
+            self.progress_at = self.loop.time()
         self.waiting.append(waiter)
         self.pending.append(hiredis.pack_command(args))
         self.schedule_flush()
@@ -83,8 +104,38 @@ class _Protocol(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports quack like asyncio.Transport without subclassing it.
         self.transport = cast(asyncio.Transport, transport)
+        self._arm()
+
+    def _arm(self) -> None:
+        self.watchdog = self.loop.call_later(max(self.deadline_s / 4, 0.01), self._watch)
+
+    def _watch(self) -> None:
+        if self.lost is not None:
+            return
+        if self.waiting and self.loop.time() - self.progress_at >= self.deadline_s:
+            self.give_up(RedisStalled(f"Redis answered nothing for {self.deadline_s:g} s"))
+            return
+        self._arm()
+
+    def give_up(self, error: Exception) -> None:
+        """Fail every waiting call with ``error`` and drop the connection: once a caller has
+        stopped waiting, a late reply could only be matched to the wrong command."""
+        if self.lost is None:
+            self.lost = error
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+        self.pending.clear()
+        while self.waiting:
+            waiter = self.waiting.popleft()
+            if not isinstance(waiter, asyncio.Future):
+                waiter(error)
+            elif not waiter.done():
+                waiter.set_exception(error)
+        if self.transport is not None:
+            self.transport.abort()
 
     def data_received(self, data: bytes) -> None:
+        self.progress_at = self.loop.time()
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not False:
             waiter = self.waiting.popleft()
@@ -100,23 +151,17 @@ class _Protocol(asyncio.Protocol):
                 waiter.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = ConnectionError(f"lost the Redis connection: {exc or 'closed'}")
-        # Commands not yet written die with the connection: written to the next one, their
+        # Commands not yet written die with the connection too: written to the next one, their
         # replies would be matched to that connection's waiters.
-        self.pending.clear()
-        while self.waiting:
-            waiter = self.waiting.popleft()
-            if not isinstance(waiter, asyncio.Future):
-                waiter(self.lost)
-            elif not waiter.done():
-                waiter.set_exception(self.lost)
+        self.give_up(ConnectionError(f"lost the Redis connection: {exc or 'closed'}"))
 
 
 class PipelinedRedis:
     """A pipelined connection to the Redis at ``url`` (``redis://`` or ``rediss://``)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, deadline_s: float = 1.0) -> None:
         options = parse_url(url)
+        self._deadline_s = deadline_s
         self._host: str = options.get("host", "127.0.0.1")
         self._port: int = int(options.get("port", 6379))
         self._ssl = ssl.create_default_context() if url.startswith("rediss://") else None
@@ -140,12 +185,13 @@ class PipelinedRedis:
                 return protocol
             loop = asyncio.get_running_loop()
             try:
-                _, protocol = await loop.create_connection(
-                    _Protocol, self._host, self._port, ssl=self._ssl
-                )
-            except OSError as exc:
+                async with asyncio.timeout(self._deadline_s):
+                    _, protocol = await loop.create_connection(
+                        partial(_Protocol, self._deadline_s), self._host, self._port, ssl=self._ssl
+                    )
+            except (OSError, TimeoutError) as exc:
                 where = f"{self._host}:{self._port}"
-                raise ConnectionError(f"cannot reach Redis at {where}: {exc}") from exc
+                raise ConnectionError(f"cannot reach Redis at {where}: {exc!r}") from exc
             self._protocol = protocol
             for command in self._hello:
                 await self._send(protocol, command)
@@ -196,5 +242,8 @@ class PipelinedRedis:
 
     async def aclose(self) -> None:
         protocol, self._protocol = self._protocol, None
-        if protocol is not None and protocol.transport is not None:
-            protocol.transport.close()
+        if protocol is not None:
+            if protocol.watchdog is not None:
+                protocol.watchdog.cancel()
+            if protocol.transport is not None:
+                protocol.transport.close()
