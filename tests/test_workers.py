@@ -1,4 +1,5 @@
-"""Workers: the outbox drain into Postgres and hold expiry, in-process and as real processes."""
+"""Workers: the outbox drain into Postgres and hold expiry, in-process and as real processes, and
+the cron table that names every job."""
 
 from __future__ import annotations
 
@@ -23,8 +24,10 @@ from engine.scripts import SCRIPTS
 from engine.settings import Settings
 from localrun.demo import start_process
 from tests.conftest import SaleFactory
+from workers.context import each_sale
 from workers.holds import expire_sale
 from workers.outbox import drain_sale
+from workers.settings import WorkerSettings
 
 
 async def flood(redis: Redis, sale_id: str, calls: int, shoppers: int) -> set[str]:
@@ -273,8 +276,6 @@ async def test_ack_script_contract_and_reload(redis: Redis, redis_sale: SaleFact
 async def test_one_failing_sale_does_not_stop_the_others(
     redis: Redis, caplog: pytest.LogCaptureFixture
 ):
-    from workers.settings import _each_sale
-
     await redis.sadd(LIVE_SALES, "a-sale", "b-sale", "c-sale")
 
     async def work(sale_id: str) -> int:
@@ -282,5 +283,19 @@ async def test_one_failing_sale_does_not_stop_the_others(
             raise RuntimeError("the gateway said no")
         return 10
 
-    assert await _each_sale({"store": redis}, "test job", work) == 20
+    assert await each_sale({"store": redis}, "test job", work) == 20
     assert "test job failed for sale b-sale" in caplog.text
+
+
+def test_the_cron_table_runs_each_job_from_its_family_module():
+    # `flashsale worker --jobs` and the bench pick jobs by these names.
+    jobs = {job.name.removeprefix("cron:"): job.coroutine for job in WorkerSettings.cron_jobs}
+    assert len(WorkerSettings.cron_jobs) == len(jobs)  # no name twice
+    assert {name: coroutine.__module__ for name, coroutine in jobs.items()} == {
+        "drain_outboxes": "workers.outbox",
+        "expire_holds": "workers.holds",
+        "payment_intents": "workers.payments",
+        "refunds": "workers.payments",
+        "webhook_retries": "workers.webhooks",
+        "reconcile_sales": "workers.reconcile",
+    }

@@ -1,8 +1,12 @@
-"""Expire holds whose time has passed, through the same ``release`` script a cancel uses."""
+"""Expire holds whose time has passed, through the same ``release`` script a cancel uses.
+
+``expire_holds`` is the arq job: it expires the due holds of every live sale.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -10,9 +14,10 @@ from engine import inventory
 from engine.keys import sale_keys
 from engine.payments import PaymentGateway
 from engine.scripts import Code
+from workers.context import each_sale, log
 from workers.payments import GATEWAY_CONCURRENCY, expire_or_settle
 
-__all__ = ["expire_sale"]
+__all__ = ["expire_holds", "expire_sale"]
 
 
 async def expire_sale(
@@ -63,3 +68,14 @@ async def expire_sale(
         # stop rather than spin on them.
         if len(due) < batch or done == 0:
             return expired
+
+
+async def expire_holds(ctx: dict[str, Any]) -> int:
+    """The arq job: expire every due hold of every live sale (cancelling its PaymentIntent
+    first)."""
+    expired = await each_sale(
+        ctx, "expiry", lambda sale_id: expire_sale(ctx["store"], sale_id, gateway=ctx["gateway"])
+    )
+    if expired:
+        log.info("expired %d holds", expired)
+    return expired

@@ -1,9 +1,15 @@
-"""Payment jobs: create PaymentIntents for new holds, refund what is owed, retry webhooks."""
+"""Payment jobs: create PaymentIntents for new holds, refund what is owed, cancel the intents
+of cancelled orders, and settle a hold's intent before the hold expires.
+
+The arq jobs are ``payment_intents`` (``create_intents``) and ``refunds`` (``pay_refunds`` and
+``void_intents``); ``expire_or_settle`` runs inside the expiry job (``workers.holds``).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from typing import Any
 
 from redis.asyncio import Redis
 
@@ -13,8 +19,17 @@ from engine.errors import Conflict, Unavailable
 from engine.keys import sale_keys
 from engine.payments import GatewayRefused, GatewayUnavailable, PaymentGateway
 from engine.scripts import Code
+from workers.context import each_sale
 
-__all__ = ["create_intents", "expire_or_settle", "pay_refunds", "void_intents"]
+__all__ = [
+    "GATEWAY_CONCURRENCY",
+    "create_intents",
+    "expire_or_settle",
+    "pay_refunds",
+    "payment_intents",
+    "refunds",
+    "void_intents",
+]
 
 log = logging.getLogger("flashsale.payments")
 
@@ -121,3 +136,23 @@ async def expire_or_settle(
         return "reserved"  # the bank has not decided; its webhook will
     released = await inventory.release(redis, sale_id, order_id, "expired")
     return released.state
+
+
+async def payment_intents(ctx: dict[str, Any]) -> int:
+    """The arq job: create a PaymentIntent for every live hold without one."""
+    return await each_sale(
+        ctx,
+        "payment intents",
+        lambda sale_id: create_intents(ctx["store"], ctx["gateway"], sale_id),
+    )
+
+
+async def refunds(ctx: dict[str, Any]) -> int:
+    """The arq job: refund at the gateway what is owed (late payments without stock, admin
+    refunds), and cancel the intents of cancelled orders."""
+
+    async def one(sale_id: str) -> int:
+        paid = await pay_refunds(ctx["store"], ctx["gateway"], sale_id)
+        return paid + await void_intents(ctx["store"], ctx["gateway"], sale_id)
+
+    return await each_sale(ctx, "refunds", one)

@@ -1,0 +1,27 @@
+"""The reconcile job: compare each live sale across Redis, Postgres and the payment gateway.
+
+The comparison itself is ``engine.reconcile``, which ``flashsale reconcile`` runs too; this job
+only logs the differences it finds, and a person decides on ``flashsale reconcile --repair``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.reconcile import reconcile
+from workers.context import each_sale, log
+
+__all__ = ["reconcile_sales"]
+
+
+async def reconcile_sales(ctx: dict[str, Any]) -> int:
+    """The arq job: compare Redis, Postgres and the gateway; log every difference (repairs are
+    manual). Returns how many differences it found."""
+
+    async def one(sale_id: str) -> int:
+        report = await reconcile(ctx["store"], ctx["db"], ctx["gateway"], sale_id)
+        for difference in report.differences:
+            log.warning("reconcile %s: %s", sale_id, difference)
+        return len(report.differences)
+
+    return await each_sale(ctx, "reconcile", one)
