@@ -88,7 +88,9 @@ async def stalled_app(
 
 
 async def test_a_stopped_redis_gets_503_within_the_deadline_and_orders_resume_after(
-    stalled_app: tuple[Settings, httpx.AsyncClient, Redis], own_redis: servers.RedisServer
+    stalled_app: tuple[Settings, httpx.AsyncClient, Redis],
+    own_redis: servers.RedisServer,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     own, client, redis = stalled_app
     sale = sale_definition(stock=50, per_user_limit=5, per_order_max=1)
@@ -123,3 +125,7 @@ async def test_a_stopped_redis_gets_503_within_the_deadline_and_orders_resume_af
             assert retry.headers.get("idempotent-replayed") is None
     keys = sale_keys(sale.id)
     assert int(await redis.get(keys.stock) or 0) == 50 - 21
+    # The outage was logged once when it began and once when it ended, no traceback per order.
+    events = [getattr(r, "event", None) for r in caplog.records if r.name == "flashsale.redis"]
+    assert events == ["outage.start", "outage.end"]
+    assert not any(r.exc_info for r in caplog.records)

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 
 import asyncpg
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -27,6 +28,7 @@ from engine.http.auth import TokenVerifier
 from engine.http.context import Services
 from engine.http.orderroute import OrderRoute
 from engine.http.routing import BareRoute, FrontDoor, RequestHook
+from engine.logs import Outage
 from engine.payments import make_gateway
 from engine.scripts import load_scripts
 from engine.settings import Settings
@@ -67,7 +69,11 @@ async def _on_http(request: Request, exc: Exception) -> Response:
 
 
 async def _on_error(request: Request, exc: Exception) -> Response:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    if isinstance(exc, RedisError | OSError):
+        # An unreachable store is an outage, logged once when it starts, not per request.
+        request.app.state.outage.failed(exc)
+    else:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
     return problem_response(unexpected(exc), request)
 
 
@@ -77,7 +83,8 @@ def create_app(
     """The engine's ASGI app. ``redis``: a client to use instead of one made from the settings
     (the caller closes it); ``hook``: called around every request (``RequestHook``)."""
     verifier = TokenVerifier(settings)
-    order_route = OrderRoute(settings, verifier)
+    outage = Outage("redis", logging.getLogger("flashsale.redis"))
+    order_route = OrderRoute(settings, verifier, outage)
     found = Services(settings, verifier)
 
     @asynccontextmanager
@@ -111,4 +118,5 @@ def create_app(
     )
     app.state.services = found
     app.state.order_route = order_route
+    app.state.outage = outage
     return app

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 
 import orjson
+from redis.exceptions import RedisError
 from starlette.types import Receive, Scope, Send
 
 from engine import inventory
@@ -41,6 +42,7 @@ from engine.http.pipeline import PipelinedRedis
 from engine.http.routing import send_problem
 from engine.http.soldout import SoldOutMemory
 from engine.ids import is_idempotency_key, is_sale_id
+from engine.logs import Outage
 from engine.settings import Settings
 
 __all__ = ["OrderRoute"]
@@ -52,10 +54,12 @@ _REPLAYED = (b"idempotent-replayed", b"true")
 
 
 class OrderRoute:
-    def __init__(self, settings: Settings, verifier: TokenVerifier) -> None:
+    def __init__(
+        self, settings: Settings, verifier: TokenVerifier, outage: Outage | None = None
+    ) -> None:
         self._verifier = verifier
         self._limit = settings.max_body_bytes
-        self.store = PipelinedRedis(settings.redis_url, settings.redis_deadline_ms / 1000)
+        self.store = PipelinedRedis(settings.redis_url, settings.redis_deadline_ms / 1000, outage)
         self.reservations = Reservations(self.store, settings.max_orders_in_flight)
         self.sold_out = SoldOutMemory(self.store, settings.sold_out_refresh_ms / 1000)
 
@@ -146,6 +150,9 @@ class OrderRoute:
                 error = None
             except ProblemError as exc:
                 error = exc
+            except (RedisError, OSError) as exc:
+                # The connection logs the outage once (engine.logs.Outage), not per order.
+                error = unexpected(exc)
             except Exception as exc:
                 log.exception("unhandled error on POST %s", scope["path"])
                 error = unexpected(exc)

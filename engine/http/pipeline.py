@@ -31,6 +31,7 @@ It speaks just enough of redis-py's interface for ``engine.scripts.Script`` (``e
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from collections import deque
 from collections.abc import Callable
@@ -40,6 +41,8 @@ from typing import Any, cast
 import hiredis
 from redis.connection import parse_url
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError
+
+from engine.logs import Outage
 
 __all__ = ["PipelinedRedis", "RedisStalled", "ReplyCallback"]
 
@@ -59,9 +62,11 @@ def _error(reply: ResponseError) -> ResponseError:
 
 
 class _Protocol(asyncio.Protocol):
-    def __init__(self, deadline_s: float) -> None:
+    def __init__(self, deadline_s: float, outage: Outage) -> None:
         self.loop = asyncio.get_running_loop()
         self.deadline_s = deadline_s
+        self.outage = outage
+        self.closing = False  # closed on purpose: not an outage
         # When the oldest waiting command last saw progress: sent into an idle connection, or
         # any reply arrived since. One clock read per write burst or reply chunk, not per call.
         self.progress_at = 0.0
@@ -122,6 +127,8 @@ class _Protocol(asyncio.Protocol):
         stopped waiting, a late reply could only be matched to the wrong command."""
         if self.lost is None:
             self.lost = error
+            if not self.closing:
+                self.outage.failed(error)
         if self.watchdog is not None:
             self.watchdog.cancel()
         self.pending.clear()
@@ -136,6 +143,8 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.progress_at = self.loop.time()
+        if self.outage.since is not None:
+            self.outage.recovered()
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not False:
             waiter = self.waiting.popleft()
@@ -159,9 +168,11 @@ class _Protocol(asyncio.Protocol):
 class PipelinedRedis:
     """A pipelined connection to the Redis at ``url`` (``redis://`` or ``rediss://``)."""
 
-    def __init__(self, url: str, deadline_s: float = 1.0) -> None:
+    def __init__(self, url: str, deadline_s: float = 1.0, outage: Outage | None = None) -> None:
         options = parse_url(url)
         self._deadline_s = deadline_s
+        # Logged once when the connection is lost or stalls, once when Redis answers again.
+        self.outage = outage or Outage("redis", logging.getLogger("flashsale.redis"))
         self._host: str = options.get("host", "127.0.0.1")
         self._port: int = int(options.get("port", 6379))
         self._ssl = ssl.create_default_context() if url.startswith("rediss://") else None
@@ -187,11 +198,16 @@ class PipelinedRedis:
             try:
                 async with asyncio.timeout(self._deadline_s):
                     _, protocol = await loop.create_connection(
-                        partial(_Protocol, self._deadline_s), self._host, self._port, ssl=self._ssl
+                        partial(_Protocol, self._deadline_s, self.outage),
+                        self._host,
+                        self._port,
+                        ssl=self._ssl,
                     )
             except (OSError, TimeoutError) as exc:
                 where = f"{self._host}:{self._port}"
-                raise ConnectionError(f"cannot reach Redis at {where}: {exc!r}") from exc
+                error = ConnectionError(f"cannot reach Redis at {where}: {exc!r}")
+                self.outage.failed(error)
+                raise error from exc
             self._protocol = protocol
             for command in self._hello:
                 await self._send(protocol, command)
@@ -243,6 +259,7 @@ class PipelinedRedis:
     async def aclose(self) -> None:
         protocol, self._protocol = self._protocol, None
         if protocol is not None:
+            protocol.closing = True
             if protocol.watchdog is not None:
                 protocol.watchdog.cancel()
             if protocol.transport is not None:
