@@ -4,6 +4,7 @@ its end only."""
 from __future__ import annotations
 
 import logging
+import sys
 
 import orjson
 import pytest
@@ -33,7 +34,7 @@ def test_a_json_line_carries_the_error_and_its_traceback() -> None:
         raise ValueError("boom")
     except ValueError:
         record = _record("failed")
-        record.exc_info = __import__("sys").exc_info()
+        record.exc_info = sys.exc_info()
     parsed = orjson.loads(JsonFormatter().format(record))
     assert parsed["error"] == "ValueError: boom" and "Traceback" in parsed["traceback"]
 
