@@ -12,6 +12,7 @@ from dataclasses import dataclass
 __all__ = [
     "LIVE_SALES",
     "OUTBOX_GROUP",
+    "WORKER_HEARTBEATS",
     "SaleKeys",
     "mock_events",
     "mock_idempotency",
@@ -22,6 +23,8 @@ __all__ = [
 # Set of sale ids the workers drain and expire. Deliberately outside any sale's slot: only the
 # CLI and workers touch it, never a script.
 LIVE_SALES = "fs:live-sales"
+# Hash: worker job name -> unix ms of its last completed run (``flashsale worker --check``).
+WORKER_HEARTBEATS = "fs:worker-heartbeats"
 
 # The consumer group that moves outbox entries into the Postgres ledger.
 OUTBOX_GROUP = "ledger"

@@ -13,7 +13,9 @@ The cron table of the six jobs, each defined beside the logic it runs:
 
 Every cron job is unique per tick (arq's default), so with several worker processes each tick
 runs once. The per-second jobs start a quarter second apart and also run once at start-up.
-``flashsale worker --jobs`` runs a subset of them.
+``flashsale worker --jobs`` runs a subset of them. Every job is ``recorded``: logged, its
+failures logged as an outage (once at the start, once at the end), its completions
+heartbeated for ``flashsale worker --check``.
 """
 
 from __future__ import annotations
@@ -23,24 +25,47 @@ from typing import Any
 from arq import cron
 
 from workers.context import shutdown, startup
+from workers.heartbeats import recorded
 from workers.holds import expire_holds
 from workers.outbox import drain_outboxes
 from workers.payments import payment_intents, refunds
 from workers.reconcile import reconcile_sales
 from workers.webhooks import webhook_retries
 
-__all__ = ["WorkerSettings"]
+__all__ = ["PERIODS_S", "WorkerSettings"]
+
+# Each job's period, for the heartbeat check and the runner's watchdog.
+PERIODS_S: dict[str, float] = {
+    "drain_outboxes": 1,
+    "expire_holds": 1,
+    "payment_intents": 1,
+    "refunds": 1,
+    "webhook_retries": 10,
+    "reconcile_sales": 60,
+}
 
 
 class WorkerSettings:
     functions: list[Any] = []
     cron_jobs = [
-        cron(drain_outboxes, second=None, microsecond=0, run_at_startup=True, timeout=30),
-        cron(expire_holds, second=None, microsecond=500_000, run_at_startup=True, timeout=30),
-        cron(payment_intents, second=None, microsecond=250_000, run_at_startup=True, timeout=30),
-        cron(refunds, second=None, microsecond=750_000, run_at_startup=True, timeout=30),
-        cron(webhook_retries, second={0, 10, 20, 30, 40, 50}, timeout=30),
-        cron(reconcile_sales, second=15, timeout=120),
+        cron(recorded(drain_outboxes), second=None, microsecond=0, run_at_startup=True, timeout=30),
+        cron(
+            recorded(expire_holds),
+            second=None,
+            microsecond=500_000,
+            run_at_startup=True,
+            timeout=30,
+        ),
+        cron(
+            recorded(payment_intents),
+            second=None,
+            microsecond=250_000,
+            run_at_startup=True,
+            timeout=30,
+        ),
+        cron(recorded(refunds), second=None, microsecond=750_000, run_at_startup=True, timeout=30),
+        cron(recorded(webhook_retries), second={0, 10, 20, 30, 40, 50}, timeout=30),
+        cron(recorded(reconcile_sales), second=15, timeout=120),
     ]
     on_startup = startup
     on_shutdown = shutdown

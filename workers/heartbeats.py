@@ -1,0 +1,96 @@
+"""Each job's last completed run: recorded in Redis after every run, read by
+``flashsale worker --check`` (a probe for a supervisor) and by the runner's own watchdog.
+
+A job is overdue when its last completion is older than ``overdue_after_s`` of its period: a
+few missed ticks are normal (a slow pass, a restart, a Redis blip), a minute of silence from a
+per-second job is not.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+from arq.typing import WorkerCoroutine
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from engine.keys import WORKER_HEARTBEATS
+from engine.logs import Outage
+
+__all__ = ["JobReport", "overdue_after_s", "read_heartbeats", "recorded"]
+
+log = logging.getLogger("flashsale.worker")
+
+Job = Callable[[dict[str, Any]], Awaitable[int]]
+
+
+def overdue_after_s(period_s: float) -> float:
+    """How long a job of this period may go without completing before it counts as overdue:
+    five periods, and never less than its 30 s timeout plus a tick."""
+    return max(5 * period_s, 31.0)
+
+
+def recorded(job: Job) -> WorkerCoroutine:
+    """``job``, logged and heartbeated.
+
+    A run that did something is logged at info, every run at debug. A failing job is an outage
+    of that job: logged once with its traceback when it starts failing and once when it works
+    again, not every tick (a lost Postgres fails the drain every second), and the failure is
+    not re-raised, so arq does not log the same traceback again. Every finished run, failed or
+    not, is noted in ``ctx["ran"]`` (the runner's watchdog reads it: a loop that runs jobs is
+    alive); a successful one also in ``WORKER_HEARTBEATS`` (``flashsale worker --check``).
+    """
+    name = job.__name__
+
+    @functools.wraps(job)
+    async def run(ctx: dict[Any, Any], *args: Any, **kwargs: Any) -> int:
+        outage: Outage = ctx.setdefault("outages", {}).setdefault(name, Outage(f"job {name}", log))
+        started = time.monotonic()
+        try:
+            done = await job(ctx)
+        except Exception as exc:
+            if outage.since is None:
+                log.error("job %s failed", name, exc_info=exc, extra={"job": name})
+            outage.failed(exc)
+            return 0
+        finally:
+            ctx.setdefault("ran", {})[name] = time.monotonic()
+        outage.recovered()
+        seconds = round(time.monotonic() - started, 3)
+        level = logging.INFO if done else logging.DEBUG
+        fields = {"job": name, "done": done, "seconds": seconds}
+        log.log(level, "job %s did %d", name, done, extra=fields)
+        store: Redis = ctx["store"]
+        try:
+            await store.hset(WORKER_HEARTBEATS, name, int(time.time() * 1000))
+        except RedisError as exc:  # the run itself succeeded; the next one records again
+            log.warning("job %s: heartbeat not recorded: %r", name, exc, extra={"job": name})
+        return done
+
+    return cast(WorkerCoroutine, run)
+
+
+@dataclass(frozen=True)
+class JobReport:
+    job: str
+    age_s: float | None  # since its last completion; None: never completed
+    allowed_s: float
+
+    @property
+    def overdue(self) -> bool:
+        return self.age_s is None or self.age_s > self.allowed_s
+
+
+async def read_heartbeats(redis: Redis, periods_s: dict[str, float]) -> list[JobReport]:
+    """How long ago each job of ``periods_s`` last completed, against what it is allowed."""
+    raw: list[str | None] = await redis.hmget(WORKER_HEARTBEATS, list(periods_s))
+    now_ms = time.time() * 1000
+    return [
+        JobReport(job, None if ms is None else (now_ms - int(ms)) / 1000, overdue_after_s(period))
+        for (job, period), ms in zip(periods_s.items(), raw, strict=True)
+    ]

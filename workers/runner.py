@@ -1,0 +1,141 @@
+"""Runs arq's worker so that it never dies silently and never sits alive and idle.
+
+arq's main loop ends on the first error from Redis (a restart, a lost connection: ``run_cron``
+→ ``enqueue_job`` → ``WATCH`` raises), and its shutdown then waits, without a deadline, for
+every job still running. A worker whose Redis restarted therefore either exited 1, or hung in
+that wait with its loop gone. Here:
+
+- a lost Redis or Postgres (an error of ``RETRYABLE``) ends only the current arq worker: its
+  jobs are cancelled, its clients closed (every step with a deadline), the outage is logged
+  once, and after a backoff (0.5 s doubling to 10 s; back to 0.5 s after a healthy minute) a
+  fresh arq worker starts in the same process, re-running ``startup``;
+- any other error ends the process with status 1 within seconds, for a supervisor to restart;
+- a watchdog ends the process with status 1 when no job has run at all (well or not: a job
+  that fails because Postgres is away still shows a live loop) for ``stall_s`` while the arq
+  worker is up: a wedged loop is reported rather than left looking alive;
+- SIGTERM or SIGINT stops it cleanly with status 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Awaitable
+from typing import Any
+
+import asyncpg
+from arq.connections import RedisSettings
+from arq.worker import Worker, create_worker
+from redis.exceptions import RedisError
+
+from engine.logs import Outage
+
+__all__ = ["RETRYABLE", "STALL_S", "run"]
+
+log = logging.getLogger("flashsale.worker")
+
+# Errors that mean a backing service is away for now, not that the worker is broken.
+RETRYABLE = (RedisError, OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+BACKOFF_MIN_S = 0.5
+BACKOFF_MAX_S = 10.0
+HEALTHY_S = 60.0
+# No job ran for this long while the worker is up: its loop is wedged. The jobs' own timeout
+# is 30 s, so a per-second job that is merely slow still finishes within it.
+STALL_S = 45.0
+CLOSE_DEADLINE_S = 10.0
+
+
+async def _bounded(step: Awaitable[Any], what: str) -> None:
+    try:
+        async with asyncio.timeout(CLOSE_DEADLINE_S):
+            await step
+    except Exception as exc:  # closing a client of a dead service can fail in many ways
+        log.warning("while stopping the worker, %s: %r", what, exc)
+
+
+async def _stop(worker: Worker) -> None:
+    """Stop ``worker`` without waiting on anything for longer than the close deadline."""
+    for task in worker.tasks.values():
+        task.cancel()
+    await _bounded(asyncio.gather(*worker.tasks.values(), return_exceptions=True), "jobs")
+    if worker.on_shutdown is not None and "store" in worker.ctx:
+        await _bounded(worker.on_shutdown(worker.ctx), "closing the clients")
+    if worker._pool is not None:
+        await _bounded(worker._pool.close(close_connection_pool=True), "closing arq's pool")
+        worker._pool = None
+
+
+async def _watch(worker: Worker, started: float, stall_s: float, outage: Outage) -> None:
+    """Return when no job of ``worker`` has finished, well or not, for ``stall_s``. The first
+    finished job after a restart ends the outage."""
+    while True:
+        await asyncio.sleep(min(stall_s / 6, 5.0))
+        ran: dict[str, float] = worker.ctx.get("ran", {})
+        last = max(ran.values(), default=started)
+        if ran:
+            outage.recovered()
+        if time.monotonic() - last > stall_s:
+            return
+
+
+async def run(
+    settings_cls: type, redis_settings: RedisSettings, stall_s: float = STALL_S, **overrides: Any
+) -> int:
+    """Run the worker until a signal stops it (0), a burst ends (0), or it cannot go on (1).
+    ``stall_s``: how long the worker may run no job at all before it counts as wedged."""
+    loop = asyncio.get_running_loop()
+    stopping = asyncio.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stopping.set)
+    outage = Outage("worker's stores", log)
+    backoff = BACKOFF_MIN_S
+    try:
+        while not stopping.is_set():
+            worker = create_worker(
+                settings_cls, redis_settings=redis_settings, handle_signals=False, **overrides
+            )
+            started = time.monotonic()
+            main = asyncio.ensure_future(worker.main())
+            stop = asyncio.ensure_future(stopping.wait())
+            watchdog = asyncio.ensure_future(_watch(worker, started, stall_s, outage))
+            await asyncio.wait({main, stop, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in (stop, watchdog):
+                waiter.cancel()
+            if not main.done():
+                main.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await main
+                await _stop(worker)
+                if stopping.is_set():
+                    return 0
+                log.error(
+                    "no worker job ran for %.0f s: exiting for a restart",
+                    stall_s,
+                    extra={"event": "worker.stalled"},
+                )
+                return 1
+            error = main.exception()
+            await _stop(worker)
+            if error is None:
+                outage.recovered()
+                return 0  # a burst ran out of work
+            if not isinstance(error, RETRYABLE):
+                log.error(
+                    "worker failed: %r", error, exc_info=error, extra={"event": "worker.failed"}
+                )
+                return 1
+            if time.monotonic() - started > HEALTHY_S:
+                backoff = BACKOFF_MIN_S
+            outage.failed(error)
+            log.info("restarting the worker in %.1f s", backoff, extra={"event": "worker.backoff"})
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(backoff):
+                    await stopping.wait()
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
+        return 0
+    finally:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
