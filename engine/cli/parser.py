@@ -235,7 +235,8 @@ def _add_tooling(commands: _Commands) -> None:
         "only), the engine while stock lasts, the engine after sell-out, and a naive Postgres "
         "baseline; time the ledger and the outbox drain; check every invariant. Writes "
         "report.json, report.md and throughput.png to --out and prints a summary. Exit status "
-        "1 when an invariant is violated (timing targets are reported, never enforced).",
+        "1 when an invariant is violated (timing targets are reported, never enforced), 2 when "
+        "the bench extra is not installed (pip install 'flashsale[bench]').",
     )
     _servers_dir(bench, ".flashsale/bench")
     bench.add_argument("--out", default="bench-report", help="report folder (default %(default)s)")

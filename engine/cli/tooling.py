@@ -4,9 +4,16 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import sys
 from pathlib import Path
 
-__all__ = ["cmd_bench", "cmd_demo"]
+__all__ = ["BENCH_MODULES", "cmd_bench", "cmd_demo"]
+
+# What the `bench` extra adds that the bench imports. The report's chart needs matplotlib, and it
+# is drawn last: without this check a plain install runs every phase and then fails half-written.
+# (py-spy, the extra's other package, is a program: without it the report has no profile.)
+BENCH_MODULES = ("matplotlib",)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -22,6 +29,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    missing = [name for name in BENCH_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        print(
+            f"flashsale: bench needs {', '.join(missing)}, which is not installed: "
+            "pip install 'flashsale[bench]'",
+            file=sys.stderr,
+        )
+        return 2
+
     from loadtests.bench import BenchOptions, run_bench
 
     return run_bench(
