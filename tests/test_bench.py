@@ -14,6 +14,9 @@ from pathlib import Path
 import orjson
 import pytest
 
+import loadtests.bench
+from engine.cli import main
+from loadtests.bench import BenchOptions
 from tests.conftest import ROOT
 
 PHASES = ("ceiling", "engine", "sold_out", "baseline")
@@ -24,6 +27,39 @@ RATIOS = (
     "engine_p99_to_ceiling_p99",
     "engine_p99_to_baseline_p99",
 )
+
+
+@pytest.fixture
+def bench_runs(monkeypatch: pytest.MonkeyPatch) -> list[BenchOptions]:
+    """The options of every bench that `flashsale bench` went on to start (none is started)."""
+    runs: list[BenchOptions] = []
+
+    def run_bench(options: BenchOptions) -> int:
+        runs.append(options)
+        return 0
+
+    monkeypatch.setattr(loadtests.bench, "run_bench", run_bench)
+    return runs
+
+
+def test_bench_without_its_extra_exits_2_before_starting_anything(
+    bench_runs: list[BenchOptions],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+):
+    # A None entry makes matplotlib unimportable and invisible to importlib.util.find_spec,
+    # as in an install without the bench extra.
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    assert main(["bench", "--smoke", "--dir", str(tmp_path / "d"), "--out", str(tmp_path)]) == 2
+    assert bench_runs == []
+    assert "matplotlib" in (err := capsys.readouterr().err)
+    assert "pip install 'flashsale[bench]'" in err
+
+
+def test_bench_with_its_extra_starts(bench_runs: list[BenchOptions], tmp_path: Path):
+    assert main(["bench", "--smoke", "--dir", str(tmp_path / "d"), "--out", str(tmp_path)]) == 0
+    assert [options.smoke for options in bench_runs] == [True]
 
 
 @pytest.mark.slow

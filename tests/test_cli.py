@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import jwt
 import pytest
 from redis.asyncio import Redis
 
+import engine
 from engine.cli import build_parser
 from engine.db import migrate
 from engine.http import asgi
@@ -40,6 +42,41 @@ def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixtur
         build_parser().parse_args([*command, "--help"])
     assert exited.value.code == 0
     assert "usage: flashsale" in capsys.readouterr().out
+
+
+# Runs `main([*command, "--help"])` for every command in a fresh interpreter, then names the
+# lazily imported packages that got loaded on the way.
+_HELP_THEN_LIST_LOADED = """
+import contextlib, io, json, sys
+from engine.cli import main
+helps = 0
+for command in json.loads(sys.argv[1]):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        main([*command, "--help"])
+    helps += out.getvalue().startswith("usage: flashsale")
+lazy = {"loadtests", "localrun", "workers", "matplotlib"}
+print(json.dumps([helps, sorted(lazy & {name.partition(".")[0] for name in sys.modules})]))
+"""
+
+
+def test_help_loads_no_tooling_and_no_workers():
+    """Tooling and workers are imported by the command that runs them, never by --help."""
+    commands = every_command()
+    result = subprocess.run(
+        [sys.executable, "-c", _HELP_THEN_LIST_LOADED, json.dumps(commands)],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == [len(commands), []]
+
+
+def test_version_is_the_package_version():
+    result = subprocess.run(
+        [sys.executable, "-m", "engine.cli", "--version"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stdout == f"flashsale {engine.__version__}\n"
 
 
 async def test_migrate_twice_is_a_no_op(settings: Settings):
