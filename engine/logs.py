@@ -13,14 +13,14 @@ import logging
 import sys
 import time
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
 import orjson
 
-__all__ = ["LOG_FORMATS", "JsonFormatter", "Outage", "configure"]
+from engine.settings import LOG_FORMATS
 
-LOG_FORMATS = ("auto", "json", "text")
-LogFormat = Literal["auto", "json", "text"]
+__all__ = ["JsonFormatter", "Outage", "configure"]
+
 
 # The attributes every LogRecord has; anything else on a record came from ``extra=``.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
@@ -65,7 +65,7 @@ class _TextFormatter(logging.Formatter):
         return f"{head} {fields}{newline}{rest}"
 
 
-def configure(fmt: LogFormat = "auto", level: str = "info") -> None:
+def configure(fmt: str = "auto", level: str = "info") -> None:
     """Send every log record (ours, uvicorn's, arq's) to stderr in one format. ``auto``: text
     when stderr is a terminal, JSON lines otherwise (a supervisor, a container, a file)."""
     if fmt not in LOG_FORMATS:

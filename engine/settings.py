@@ -25,6 +25,7 @@ This is the only module that reads ``os.environ``. Everything else receives a ``
 | FLASHSALE_WEBHOOK_TOLERANCE_S  | ``300``: older signatures are refused     |
 | FLASHSALE_REDIS_DEADLINE_MS    | ``1000``: the server's wait for Redis, then 503 |
 | FLASHSALE_MAX_ORDERS_IN_FLIGHT | ``2048``: orders awaiting Redis per process; more get 503 |
+| FLASHSALE_LOG_FORMAT           | ``auto``: text on a terminal, else JSON lines; or json, text |
 """
 
 from __future__ import annotations
@@ -34,7 +35,9 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
-__all__ = ["ConfigError", "Settings"]
+__all__ = ["LOG_FORMATS", "ConfigError", "Settings"]
+
+LOG_FORMATS = ("auto", "json", "text")
 
 
 class ConfigError(RuntimeError):
@@ -51,6 +54,13 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
         raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = env.get(name) or default
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
     return value
 
 
@@ -89,6 +99,8 @@ class Settings:
     # Orders of one server process waiting for Redis at once; past it new ones get 503 at once
     # rather than queueing behind a slow Redis (engine.http.coalescer).
     max_orders_in_flight: int = 2048
+    # auto: text on a terminal, JSON lines otherwise (engine.logs).
+    log_format: str = "auto"
 
     @property
     def jwt_algorithm(self) -> str:
@@ -139,6 +151,7 @@ class Settings:
                 env, "FLASHSALE_SOLD_OUT_REFRESH_MS", cls.sold_out_refresh_ms, 0
             ),
             redis_deadline_ms=_int(env, "FLASHSALE_REDIS_DEADLINE_MS", cls.redis_deadline_ms, 10),
+            log_format=_choice(env, "FLASHSALE_LOG_FORMAT", cls.log_format, LOG_FORMATS),
             max_orders_in_flight=_int(
                 env, "FLASHSALE_MAX_ORDERS_IN_FLIGHT", cls.max_orders_in_flight, 1
             ),
@@ -187,6 +200,7 @@ class Settings:
             "FLASHSALE_SOLD_OUT_REFRESH_MS": str(self.sold_out_refresh_ms),
             "FLASHSALE_REDIS_DEADLINE_MS": str(self.redis_deadline_ms),
             "FLASHSALE_MAX_ORDERS_IN_FLIGHT": str(self.max_orders_in_flight),
+            "FLASHSALE_LOG_FORMAT": self.log_format,
         }
         optional = {
             "FLASHSALE_JWT_SECRET": self.jwt_secret,

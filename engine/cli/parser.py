@@ -82,6 +82,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _log_format(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--log-format",
+        choices=["auto", "json", "text"],
+        help="log lines as JSON objects or as text; auto (default, or FLASHSALE_LOG_FORMAT): "
+        "text on a terminal, JSON otherwise",
+    )
+
+
 def _add_processes(commands: _Commands) -> None:
     serve = _command(
         commands, "serve", cmd_serve, "run the HTTP API (uvicorn + uvloop + httptools)"
@@ -94,6 +103,7 @@ def _add_processes(commands: _Commands) -> None:
     serve.add_argument(
         "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
     )
+    _log_format(serve)
     serve.add_argument(
         "--app",
         default="engine",
@@ -112,6 +122,16 @@ def _add_processes(commands: _Commands) -> None:
         "intents, retry stored webhooks, and reconcile every minute.",
     )
     worker.add_argument("--burst", action="store_true", help="run the due jobs once and exit")
+    worker.add_argument(
+        "--check",
+        action="store_true",
+        help="do not run: exit 0 if every job (of --jobs) completed recently, 1 if one is "
+        "overdue, 2 if Redis does not answer (a liveness probe for a supervisor)",
+    )
+    worker.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    _log_format(worker)
     worker.add_argument(
         "--jobs",
         help="comma-separated cron jobs to run (default all), e.g. drain_outboxes,expire_holds",

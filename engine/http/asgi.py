@@ -16,10 +16,12 @@ with the same settings.
 from __future__ import annotations
 
 import gc
+import logging
 
 from starlette.applications import Starlette
 
 from engine.http.app import create_app
+from engine.logs import configure
 from engine.settings import Settings
 
 __all__ = ["create", "settled"]
@@ -32,4 +34,7 @@ def settled(app: Starlette) -> Starlette:
 
 
 def create() -> Starlette:
-    return settled(create_app(Settings.from_env()))
+    settings = Settings.from_env()
+    # Each server process logs the same way (uvicorn's workers start from a fresh interpreter).
+    configure(settings.log_format, logging.getLevelName(logging.getLogger().level).lower())
+    return settled(create_app(settings))
