@@ -1,7 +1,7 @@
 """``flashsale bench``: how fast the engine places orders, next to what else could be built.
 
 One command starts its own Redis and Postgres (in ``--dir``, which the bench owns and empties),
-seeds sales, and drives each server in turn with wrk, same connections, duration, request shape
+seeds sales, and drives the servers round robin with wrk (a second of each per round), same connections, duration, request shape
 and uvicorn set-up:
 
 1. **ceiling**: a bare Starlette endpoint, token and body only (``loadtests.benchapps``);

@@ -1,1 +1,2 @@
-"""Run it on one machine: local Redis, Postgres and localstripe servers, and the demo sale."""
+"""Run it on one machine: local Redis and Postgres servers (``python -m localrun.servers
+up|down|env``), and the demo sale (``flashsale demo``)."""

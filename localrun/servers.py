@@ -384,7 +384,7 @@ def _state(base_dir: Path) -> tuple[int, int]:
     """Recorded (redis port, postgres port); 0 when unknown."""
     with contextlib.suppress(OSError, ValueError, TypeError, KeyError, AttributeError):
         state: dict[str, Any] = json.loads((base_dir / "services.json").read_text())
-        # Also reads the flat {"redis_port": ...} files of this module's first version.
+        # Also reads the flat {"redis_port": ...} shape, which older checkouts may have left.
         names = ("redis", "postgres")
         ports = [state[n]["port"] if n in state else state[f"{n}_port"] for n in names]
         return int(ports[0]), int(ports[1])

@@ -2,7 +2,7 @@
   reserve: take holds on stock for a batch of orders in one sale. Each order is decided exactly as
   if it came alone, the orders one after another in the order given; an order that is refused
   writes NOTHING. One order is a batch of one. A server coalesces the orders of one event-loop
-  turn into one call (engine/http/reservations.py): the sale's reads, the clock, the stock, the
+  turn into one call (engine/http/coalescer.py): the sale's reads, the clock, the stock, the
   shoppers' counts, the hold index and the outbox entry are then read and written once per batch
   instead of once per order (12 redis.calls per order alone; 10 per batch + 2 per order
   together: the order hash and the idempotency record).

@@ -71,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="flashsale",
         description="Run and operate a flashsale engine. Configuration comes from FLASHSALE_* "
         "environment variables (FLASHSALE_REDIS_URL, FLASHSALE_DATABASE_URL, "
-        "FLASHSALE_JWT_SECRET, ...); see README.md.",
+        "FLASHSALE_JWT_SECRET, ...); see docs/operations.md.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -251,7 +251,7 @@ def _add_tooling(commands: _Commands) -> None:
         cmd_bench,
         "benchmark placing orders against a bare-Starlette ceiling and a Postgres baseline",
         "Start Redis and Postgres in --dir (which the bench owns: it empties them), then drive, "
-        "one after the other and with wrk, a ceiling (bare Starlette endpoint: token and body "
+        "round robin (one second of each per round) with wrk, a ceiling (bare Starlette endpoint: token and body "
         "only), the engine while stock lasts, the engine after sell-out, and a naive Postgres "
         "baseline; time the ledger and the outbox drain; check every invariant. Writes "
         "report.json, report.md and throughput.png to --out and prints a summary. Exit status "
