@@ -315,7 +315,7 @@ async def test_the_real_app_answers_only_what_is_documented(
     await send("POST", hook, hook, 400, **signed({"hello": "world"}))
     await send("POST", hook, hook, 413, content=b" " * (MAX_WEBHOOK_BYTES + 1))
 
-    for path in ("/health", "/ready", "/openapi.json"):
+    for path in ("/health", "/ready", "/openapi.json", "/docs"):
         await send("GET", path, path, 200)
     await send("GET", "/nowhere", "/nowhere", 404)
     await send("DELETE", "/health", "/health", 405)
@@ -354,6 +354,7 @@ async def test_with_its_stores_down_the_app_answers_what_is_documented(
         ("GET", "/health"): {},
         ("GET", "/ready"): {},
         ("GET", "/openapi.json"): {},
+        ("GET", "/docs"): {},
     }
     assert set(requests) == set(OPERATIONS)
     async with app.router.lifespan_context(app):
@@ -368,3 +369,20 @@ async def test_with_its_stores_down_the_app_answers_what_is_documented(
                 lists = "not-ready" in OPERATIONS[method, template]["x-problem-codes"]
                 assert code == ("not-ready" if lists else None), (template, response.text)
     await dead.aclose()
+
+
+async def test_the_docs_page_is_html_that_reads_the_document(settings: Settings, redis: Redis):
+    app = create_app(settings, redis)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            response = await client.get("/docs")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/html; charset=utf-8"
+    page = response.text
+    assert page.lstrip().lower().startswith("<!doctype html>") and '"/openapi.json"' in page
+    # Self-contained: nothing is loaded from anywhere but this server.
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    assert not re.search(r"@import|<link\b", page)
+    # It reads the parts of the document this project adds to OpenAPI.
+    assert "x-problem-codes" in page and "x-every-request" in page

@@ -49,6 +49,7 @@ def route_table(order_route: OrderRoute) -> list[BaseRoute]:
         Route("/health", probes.health, methods=["GET"]),
         Route("/ready", probes.ready, methods=["GET"]),
         Route("/openapi.json", probes.openapi, methods=["GET"]),
+        Route("/docs", probes.docs, methods=["GET"]),
     ]
 
 

@@ -1,4 +1,4 @@
-"""The OpenAPI 3.1 document served at ``/openapi.json``.
+"""The OpenAPI 3.1 document served at ``/openapi.json`` and browsed at ``/docs``.
 
 It is declared here rather than generated, but nothing in it is free to drift: each operation
 lists the problem codes it can answer (``x-problem-codes``), and its error responses are made
@@ -304,6 +304,20 @@ def _paths() -> dict[str, Any]:
                 "service",
                 "This document",
                 {"200": _json({"type": "object"}, "OpenAPI 3.1")},
+                (),
+            )
+        },
+        "/docs": {
+            "get": _operation(
+                "docs",
+                "service",
+                "This document as a page to read",
+                {
+                    "200": {
+                        "description": "HTML that reads /openapi.json",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
                 (),
             )
         },
