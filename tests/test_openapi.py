@@ -116,6 +116,7 @@ def test_every_problem_code_is_documented_with_its_status():
     assert set(problem["properties"]["code"]["enum"]) == set(PROBLEM_TYPES) - CLI_ONLY_CODES
     for source in [*OPERATIONS.values(), EVERY]:
         codes = source["x-problem-codes"]
+        assert {str(PROBLEM_TYPES[code]) for code in codes} <= set(source["responses"])
         for status, response in source["responses"].items():
             if int(status) < 400:
                 continue

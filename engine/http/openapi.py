@@ -104,30 +104,42 @@ def _operation(
     }
 
 
-def _path_parameter(name: str, description: str) -> dict[str, Any]:
+def _parameter(
+    name: str, where: str, schema: dict[str, Any], description: str, *, required: bool = True
+) -> dict[str, Any]:
     return {
         "name": name,
-        "in": "path",
-        "required": True,
-        "schema": {"type": "string"},
+        "in": where,
+        "required": required,
+        "schema": schema,
         "description": description,
     }
 
 
-_SALE_ID = _path_parameter(
-    "sale_id", "A sale id; one that cannot be a sale id answers sale-not-found."
+_STRING = {"type": "string"}
+_SALE_ID = _parameter(
+    "sale_id", "path", _STRING, "A sale id; one that cannot be a sale id answers sale-not-found."
 )
-_ORDER_ID = _path_parameter(
-    "order_id", "An order id; one that cannot be an order id answers order-not-found."
+_ORDER_ID = _parameter(
+    "order_id", "path", _STRING, "An order id; one that cannot be one answers order-not-found."
 )
-_IDEMPOTENCY_KEY = {
-    "name": "Idempotency-Key",
-    "in": "header",
-    "required": True,
-    "schema": {"type": "string", "pattern": f"^{IDEMPOTENCY_KEY_PATTERN}$"},
-    "description": "The same key and body again answer the first answer (Idempotent-Replayed: "
-    "true); the same key with another body is idempotency-key-reused.",
-}
+_IDEMPOTENCY_KEY = _parameter(
+    "Idempotency-Key",
+    "header",
+    {"type": "string", "pattern": f"^{IDEMPOTENCY_KEY_PATTERN}$"},
+    "The same key and body again answer the first answer (Idempotent-Replayed: true); the "
+    "same key with another body is idempotency-key-reused.",
+)
+_STRIPE_SIGNATURE = _parameter(
+    "Stripe-Signature", "header", _STRING, "Stripe's signature of the body, with its time."
+)
+_RESTOCK = _parameter(
+    "restock",
+    "query",
+    {"type": "boolean", "default": False},
+    "Put the units back on sale (only the value true does).",
+    required=False,
+)
 _ORDER_BODY = {
     "type": "object",
     "required": ["quantity"],
@@ -246,14 +258,7 @@ def _paths() -> dict[str, Any]:
                 "Stripe's signed events (duplicates acknowledged and ignored)",
                 {"200": _json(_ref("schemas", "Received"), "Stored, and applied when it can be")},
                 ("body-too-large", "invalid-signature", "invalid-payload", "not-ready"),
-                parameters=[
-                    {
-                        "name": "Stripe-Signature",
-                        "in": "header",
-                        "required": True,
-                        "schema": {"type": "string"},
-                    }
-                ],
+                parameters=[_STRIPE_SIGNATURE],
                 requestBody={
                     "required": True,
                     "description": f"A Stripe event, at most {MAX_WEBHOOK_BYTES} bytes.",
@@ -268,15 +273,7 @@ def _paths() -> dict[str, Any]:
                 "Refund a paid order; a worker pays it back",
                 {"202": _json(_ref("schemas", "Refund"), "Refund pending")},
                 ("invalid-token", "order-not-found", "order-not-refundable", "not-ready"),
-                parameters=[
-                    _ORDER_ID,
-                    {
-                        "name": "restock",
-                        "in": "query",
-                        "schema": {"type": "boolean", "default": False},
-                        "description": "Put the units back on sale (only the value true does).",
-                    },
-                ],
+                parameters=[_ORDER_ID, _RESTOCK],
                 security=_ADMIN,
             ),
         },
