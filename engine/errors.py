@@ -17,7 +17,7 @@ code, so documentation can link to it, and ``title`` is the reason phrase of the
     ├── UnsupportedMediaType (415)  unsupported-media-type
     ├── Unprocessable (422)         invalid-body, invalid-quantity, quantity-exceeds-maximum,
     │                               idempotency-key-reused, invalid-sale*
-    └── Unavailable (503)           not-ready, payment-unavailable
+    └── Unavailable (503)           not-ready, server-busy, payment-unavailable
 
     * only the operator's CLI meets these: no HTTP route creates a sale or moves its status.
 """
@@ -187,6 +187,7 @@ PROBLEM_TYPES: dict[str, int] = {
     "sale-not-started": 425,
     "internal-error": 500,
     "not-ready": 503,
+    "server-busy": 503,
     "payment-unavailable": 503,
 }
 
@@ -203,7 +204,6 @@ def unexpected(exc: Exception) -> ProblemError:
         return Unavailable(
             "not-ready",
             "the inventory store is unreachable or stalled; retry with the same Idempotency-Key",
-            headers={"Retry-After": "1"},
         )
     return ProblemError(
         "internal-error", "the server failed unexpectedly; retry with the same Idempotency-Key"

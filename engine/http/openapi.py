@@ -202,6 +202,7 @@ def _paths() -> dict[str, Any]:
                     "sale-ended",
                     "sale-paused",
                     "not-ready",
+                    "server-busy",
                 ),
                 parameters=[_SALE_ID, _IDEMPOTENCY_KEY],
                 security=_SHOPPER,
