@@ -25,7 +25,8 @@ from engine.db import connect_postgres, connect_redis, migrate
 from engine.http.auth import mint_tokens
 from engine.invariants import audit_sale, wait_for_ledger
 from engine.inventory import SaleDefinition
-from engine.payments import MockGateway, signed_event
+from engine.mockgateway import MockGateway
+from engine.payments import signed_event
 from engine.sales import create_sale
 from engine.scripts import load_scripts
 from engine.settings import Settings

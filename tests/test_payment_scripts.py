@@ -17,7 +17,7 @@ from engine import inventory
 from engine.errors import Conflict, NotFound
 from engine.invariants import audit_sale
 from engine.keys import OUTBOX_GROUP, sale_keys
-from engine.payments import MockGateway
+from engine.mockgateway import MockGateway
 from engine.reconcile import reconcile
 from engine.scripts import SCRIPTS, Code
 from engine.settings import Settings

@@ -24,7 +24,8 @@ from engine.http.app import create_app
 from engine.http.auth import mint_token
 from engine.invariants import audit_sale, wait_for_ledger
 from engine.keys import sale_keys
-from engine.payments import Intent, MockGateway, StripeGateway, intent_event, signed_event
+from engine.mockgateway import MockGateway
+from engine.payments import Intent, StripeGateway, intent_event, signed_event
 from engine.reconcile import reconcile
 from engine.settings import Settings
 from localrun.demo import start_process, stop_process, wait_ready
