@@ -1,4 +1,4 @@
-"""Paying for an order: one PaymentIntent per order, whoever asks first (worker or shopper)."""
+"""Paying for an order: one PaymentIntent per order, made when the shopper first asks to pay."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ async def ensure_intent(
 ) -> tuple[str, str]:
     """The order's intent (id, client secret), created at the gateway if it has none yet.
 
-    The gateway's idempotency key is the order id, so a worker and the shopper's pay call
-    racing here create one intent; ``attach_payment`` keeps the first if two still arrive.
+    The gateway's idempotency key is the order id, so two pay calls racing here (a double
+    click, a retry) create one intent; ``attach_payment`` keeps the first if two still arrive.
     """
     price, currency = await redis.hmget(sale_keys(sale_id).sale, "price", "currency")
     amount = int(price) * quantity

@@ -338,7 +338,7 @@ def build_parser() -> argparse.ArgumentParser:
         "worker",
         help="run an arq worker: drain outboxes, expire holds, payments",
         description="Run an arq worker: drain outboxes into Postgres, expire holds (cancelling "
-        "their PaymentIntents first), create PaymentIntents, pay refunds, void cancelled "
+        "their PaymentIntents first), pay refunds, void cancelled "
         "orders' intents, retry stored webhooks, and reconcile every minute.",
     )
     worker.add_argument("--burst", action="store_true", help="run the due jobs once and exit")

@@ -1,8 +1,9 @@
-"""Payment gateways: Stripe (the official SDK, configurable API base) and an offline mock.
+"""Payment gateways: the interface, and Stripe's (the official SDK, configurable API base); the
+offline mock is ``engine.mockgateway``.
 
-Both create one PaymentIntent per order, keyed for idempotency by the order id, so the worker
-and ``POST /v1/orders/{id}/pay`` racing each other still make one. Errors that are worth a retry
-(network, 5xx, rate limits) surface as ``GatewayUnavailable``.
+Both create one PaymentIntent per order, keyed for idempotency by the order id, so two
+``POST /v1/orders/{id}/pay`` calls racing each other still make one. Errors that are worth a
+retry (network, 5xx, rate limits) surface as ``GatewayUnavailable``.
 """
 
 from __future__ import annotations

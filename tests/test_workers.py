@@ -294,7 +294,6 @@ def test_the_cron_table_runs_each_job_from_its_family_module():
     assert {name: coroutine.__module__ for name, coroutine in jobs.items()} == {
         "drain_outboxes": "workers.outbox",
         "expire_holds": "workers.holds",
-        "payment_intents": "workers.payments",
         "refunds": "workers.payments",
         "webhook_retries": "workers.webhooks",
         "reconcile_sales": "workers.reconcile",

@@ -1,21 +1,19 @@
-"""Payment jobs: create PaymentIntents for new holds, refund what is owed, cancel the intents
-of cancelled orders, and settle a hold's intent before the hold expires.
+"""Payment jobs: refund what is owed, cancel the intents of cancelled orders, and settle a
+hold's intent before the hold expires.
 
-The arq jobs are ``payment_intents`` (``create_intents``) and ``refunds`` (``pay_refunds`` and
-``void_intents``); ``expire_or_settle`` runs inside the expiry job (``workers.holds``).
+A PaymentIntent is made when the shopper asks to pay (``engine.checkout``), never by a job.
+The arq job is ``refunds`` (``pay_refunds`` and ``void_intents``); ``expire_or_settle`` runs
+inside the expiry job (``workers.holds``).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from typing import Any
 
 from redis.asyncio import Redis
 
 from engine import inventory
-from engine.checkout import ensure_intent
-from engine.errors import Conflict, Unavailable
 from engine.keys import sale_keys
 from engine.payments import GatewayRefused, GatewayUnavailable, PaymentGateway
 from engine.scripts import Code
@@ -23,10 +21,8 @@ from workers.context import each_sale
 
 __all__ = [
     "GATEWAY_CONCURRENCY",
-    "create_intents",
     "expire_or_settle",
     "pay_refunds",
-    "payment_intents",
     "refunds",
     "void_intents",
 ]
@@ -35,37 +31,6 @@ log = logging.getLogger("flashsale.payments")
 
 # Stripe allows 100 write requests/s in live mode; a few in flight per worker stays well inside.
 GATEWAY_CONCURRENCY = 8
-
-
-async def create_intents(redis: Redis, gateway: PaymentGateway, sale_id: str) -> int:
-    """A PaymentIntent for every live hold that has none yet. Returns how many were made."""
-    keys = sale_keys(sale_id)
-    order_ids: list[str] = await redis.zrange(keys.holds, 0, -1)
-    if not order_ids:
-        return 0
-    async with redis.pipeline(transaction=False) as pipe:
-        for order_id in order_ids:
-            pipe.hmget(keys.order(order_id), "pi", "qty", "state")
-        rows = await pipe.execute()
-    todo = [
-        (oid, int(qty))
-        for oid, (pi, qty, state) in zip(order_ids, rows, strict=True)
-        if state == "reserved" and not pi
-    ]
-    gate = asyncio.Semaphore(GATEWAY_CONCURRENCY)
-
-    async def one(order_id: str, quantity: int) -> bool:
-        async with gate:
-            try:
-                await ensure_intent(redis, gateway, sale_id, order_id, quantity)
-            except Unavailable as exc:
-                log.warning("no intent for %s yet: %s", order_id, exc.detail)
-                return False
-            except Conflict:
-                return False  # the hold ended between the scan and the attach
-            return True
-
-    return sum(await asyncio.gather(*(one(oid, qty) for oid, qty in todo)))
 
 
 async def pay_refunds(redis: Redis, gateway: PaymentGateway, sale_id: str) -> int:
@@ -136,15 +101,6 @@ async def expire_or_settle(
         return "reserved"  # the bank has not decided; its webhook will
     released = await inventory.release(redis, sale_id, order_id, "expired")
     return released.state
-
-
-async def payment_intents(ctx: dict[str, Any]) -> int:
-    """The arq job: create a PaymentIntent for every live hold without one."""
-    return await each_sale(
-        ctx,
-        "payment intents",
-        lambda sale_id: create_intents(ctx["store"], ctx["gateway"], sale_id),
-    )
 
 
 async def refunds(ctx: dict[str, Any]) -> int:
