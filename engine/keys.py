@@ -50,8 +50,16 @@ class SaleKeys:
 
     @property
     def holds(self) -> str:
-        """Sorted set: order id scored by hold expiry (ms since epoch)."""
+        """Sorted set: live holds without a PaymentIntent, scored by hold expiry (ms since
+        epoch). ``attach_payment`` moves a hold to ``intent_holds``: a live hold is in exactly
+        one of the two."""
         return f"{self.tag}:holds"
+
+    @property
+    def intent_holds(self) -> str:
+        """Sorted set: live holds with a PaymentIntent, scored by hold expiry (ms): the holds
+        whose expiry needs the gateway (cancel the intent first)."""
+        return f"{self.tag}:intent-holds"
 
     @property
     def outbox(self) -> str:
@@ -61,12 +69,14 @@ class SaleKeys:
 
     @property
     def refunds(self) -> str:
-        """Sorted set: refund_pending order ids, scored by when the refund became owed."""
+        """Sorted set: refund_pending order ids, scored by when the refund is due (ms): when it
+        became owed, or later when the gateway refused it."""
         return f"{self.tag}:refunds"
 
     @property
     def voids(self) -> str:
-        """Sorted set: cancelled orders whose PaymentIntent still has to be cancelled."""
+        """Sorted set: cancelled orders whose PaymentIntent still has to be cancelled, scored by
+        when the cancel is due (ms)."""
         return f"{self.tag}:voids"
 
     def order(self, order_id: str) -> str:

@@ -9,6 +9,7 @@ import secrets
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from redis.asyncio import Redis
 
 from engine.db import connect_postgres, connect_redis, migrate
 from engine.inventory import SaleDefinition, load_sale
+from engine.payments import GatewayRefused, GatewayUnavailable, Intent, PaymentGateway
 from engine.sales import create_sale
 from engine.scripts import load_scripts
 from engine.settings import Settings
@@ -36,6 +38,50 @@ def flashsale(settings: Settings, *args: str) -> subprocess.CompletedProcess[str
     return subprocess.run(
         [sys.executable, "-m", "engine.cli", *args], env=env, capture_output=True, text=True
     )
+
+
+class CountingGateway:
+    """A ``PaymentGateway`` that counts every call by method before passing it to ``inner``.
+    ``refuse``: intent ids it answers GatewayRefused for; ``down``: answer every call with
+    ``down`` raised (a GatewayUnavailable, e.g. busy)."""
+
+    def __init__(self, inner: PaymentGateway) -> None:
+        self.inner = inner
+        self.calls: Counter[str] = Counter()
+        self.refuse: set[str] = set()
+        self.down: GatewayUnavailable | None = None
+
+    def _count(self, method: str, intent_id: str = "") -> None:
+        self.calls[method] += 1
+        if self.down is not None:
+            raise self.down
+        if intent_id in self.refuse:
+            raise GatewayRefused(f"no such payment intent: {intent_id}")
+
+    async def create_intent(
+        self, order_id: str, sale_id: str, amount: int, currency: str
+    ) -> Intent:
+        self._count("create_intent")
+        return await self.inner.create_intent(order_id, sale_id, amount, currency)
+
+    async def retrieve_intent(self, intent_id: str) -> Intent:
+        self._count("retrieve_intent", intent_id)
+        return await self.inner.retrieve_intent(intent_id)
+
+    async def cancel_intent(self, intent_id: str) -> Intent:
+        self._count("cancel_intent", intent_id)
+        return await self.inner.cancel_intent(intent_id)
+
+    async def refund(self, intent_id: str, order_id: str) -> str:
+        self._count("refund", intent_id)
+        return await self.inner.refund(intent_id, order_id)
+
+    async def recent_events(self, since: int) -> list[dict[str, Any]]:
+        self._count("recent_events")
+        return await self.inner.recent_events(since)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 @pytest.fixture(scope="session")

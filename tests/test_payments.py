@@ -479,7 +479,8 @@ async def test_flood_of_mixed_outcomes_reconciles_clean(
                     assert again.json()["outcome"] == "duplicate"
         # Abandoned holds expire after 8 s; the worker cancels their intents first.
         deadline = time.monotonic() + 60
-        while await redis.zcard(sale_keys(sale.id).holds):
+        keys = sale_keys(sale.id)
+        while await redis.zcard(keys.holds) + await redis.zcard(keys.intent_holds):
             assert time.monotonic() < deadline, "holds never expired"
             await asyncio.sleep(0.2)
         await wait_for_ledger(redis, sale.id)
