@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from redis.asyncio import Redis
@@ -9,7 +10,7 @@ from redis.asyncio import Redis
 from engine import inventory
 from engine.errors import Conflict, NotFound, Unavailable
 from engine.keys import sale_keys
-from engine.payments import GatewayUnavailable, PaymentGateway
+from engine.payments import GatewayBusy, GatewayUnavailable, PaymentGateway
 
 __all__ = ["ensure_intent", "payment_for"]
 
@@ -26,6 +27,13 @@ async def ensure_intent(
     amount = int(price) * quantity
     try:
         intent = await gateway.create_intent(order_id, sale_id, amount, currency)
+    except GatewayBusy as exc:
+        # Over the deployment's gateway rate (or the gateway's own): answer now, never hang.
+        raise Unavailable(
+            "payment-unavailable",
+            f"the payment gateway is busy: {exc}",
+            headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))},
+        ) from None
     except GatewayUnavailable as exc:
         raise Unavailable(
             "payment-unavailable",

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "GATEWAY_RATE",
     "LIVE_SALES",
     "OUTBOX_GROUP",
     "SaleKeys",
@@ -22,6 +23,10 @@ __all__ = [
 # Set of sale ids the workers drain and expire. Deliberately outside any sale's slot: only the
 # CLI and workers touch it, never a script.
 LIVE_SALES = "fs:live-sales"
+
+# The payment gateway's rate limiter (lua/gateway_rate-1.lua), one for the whole deployment:
+# the gateway's limit is per account, not per sale, so it carries no sale's hash tag.
+GATEWAY_RATE = "fs:gateway-rate"
 
 # The consumer group that moves outbox entries into the Postgres ledger.
 OUTBOX_GROUP = "ledger"

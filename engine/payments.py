@@ -2,8 +2,13 @@
 offline mock is ``engine.mockgateway``.
 
 Both create one PaymentIntent per order, keyed for idempotency by the order id, so two
-``POST /v1/orders/{id}/pay`` calls racing each other still make one. Errors that are worth a
-retry (network, 5xx, rate limits) surface as ``GatewayUnavailable``.
+``POST /v1/orders/{id}/pay`` calls racing each other still make one. ``make_gateway`` returns
+the deployment's gateway with every call passing one shared rate limit
+(``engine.gatewaylimit``). Errors::
+
+    GatewayUnavailable   worth a retry later (network, 5xx): the job tries again next tick
+    └── GatewayBusy      over a rate limit, ours or the gateway's 429; ``retry_after_s``
+    GatewayRefused       no for this object (unknown intent, bad state): retrying won't help
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from engine.settings import Settings
 __all__ = [
     "INTENT_KEY",
     "REFUND_KEY",
+    "GatewayBusy",
     "GatewayRefused",
     "GatewayUnavailable",
     "Intent",
@@ -40,6 +46,15 @@ REFUND_KEY = "refund-{order_id}"
 
 class GatewayUnavailable(Exception):
     """The gateway could not answer now; the job retries later."""
+
+
+class GatewayBusy(GatewayUnavailable):
+    """Over a rate limit (the deployment's, or the gateway answered 429): retry after
+    ``retry_after_s`` seconds."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class GatewayRefused(Exception):
@@ -94,6 +109,23 @@ def _intent(obj: Any) -> Intent:
     )
 
 
+# Stripe's answers worth a retry later: no answer, 429, 5xx.
+_RETRYABLE = (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError)
+
+
+def _unavailable(exc: stripe.StripeError) -> GatewayUnavailable:
+    """The retryable error for ``exc``; a 429 carries how much later (Retry-After when Stripe
+    sends one, else a second: its limits are per second)."""
+    if not isinstance(exc, stripe.RateLimitError):
+        return GatewayUnavailable(str(exc))
+    headers = {name.lower(): value for name, value in (exc.headers or {}).items()}
+    try:
+        retry_after_s = max(1.0, float(headers.get("retry-after", "1")))
+    except ValueError:
+        retry_after_s = 1.0
+    return GatewayBusy(str(exc), retry_after_s=retry_after_s)
+
+
 class StripeGateway:
     def __init__(self, api_key: str, api_base: str | None = None) -> None:
         self._http = stripe.HTTPXClient()
@@ -118,8 +150,8 @@ class StripeGateway:
                 if not page.has_more or not page.data:
                     return events
                 params["starting_after"] = page.data[-1].id
-        except (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError) as exc:
-            raise GatewayUnavailable(str(exc)) from exc
+        except _RETRYABLE as exc:
+            raise _unavailable(exc) from exc
 
     async def create_intent(
         self, order_id: str, sale_id: str, amount: int, currency: str
@@ -133,15 +165,15 @@ class StripeGateway:
                 },
                 {"idempotency_key": INTENT_KEY.format(order_id=order_id)},
             )
-        except (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError) as exc:
-            raise GatewayUnavailable(str(exc)) from exc
+        except _RETRYABLE as exc:
+            raise _unavailable(exc) from exc
         return _intent(obj)
 
     async def retrieve_intent(self, intent_id: str) -> Intent:
         try:
             return _intent(await self._client.v1.payment_intents.retrieve_async(intent_id))
-        except (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError) as exc:
-            raise GatewayUnavailable(str(exc)) from exc
+        except _RETRYABLE as exc:
+            raise _unavailable(exc) from exc
         except stripe.StripeError as exc:  # e.g. no such intent (another account or mode)
             raise GatewayRefused(str(exc)) from exc
 
@@ -152,8 +184,8 @@ class StripeGateway:
             # Stripe refuses to cancel an intent that succeeded (or is already canceled):
             # what it is now decides what the caller does.
             return await self.retrieve_intent(intent_id)
-        except (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError) as exc:
-            raise GatewayUnavailable(str(exc)) from exc
+        except _RETRYABLE as exc:
+            raise _unavailable(exc) from exc
 
     async def refund(self, intent_id: str, order_id: str) -> str:
         try:
@@ -161,8 +193,8 @@ class StripeGateway:
                 {"payment_intent": intent_id, "metadata": {"order_id": order_id}},
                 {"idempotency_key": REFUND_KEY.format(order_id=order_id)},
             )
-        except (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError) as exc:
-            raise GatewayUnavailable(str(exc)) from exc
+        except _RETRYABLE as exc:
+            raise _unavailable(exc) from exc
         except stripe.InvalidRequestError as exc:
             # Refunded already (from the dashboard, or by us before a crash): that refund is
             # the answer. Anything else is a refusal the operator must see.
@@ -202,10 +234,20 @@ def signed_event(
     return body, header
 
 
-def make_gateway(settings: Settings, redis: Redis) -> PaymentGateway:
-    if settings.stripe_api_key:
-        return StripeGateway(settings.stripe_api_key, settings.stripe_api_base)
-    # Imported here: the mock builds on this module's interface.
+def make_gateway(
+    settings: Settings, redis: Redis, max_wait_s: float | None = None
+) -> PaymentGateway:
+    """The deployment's gateway (Stripe with a key, else the mock), every call passing the
+    rate limit shared through ``redis``. ``max_wait_s``: the longest a call waits for its
+    slot before ``GatewayBusy`` (default: what a shopper's pay call waits)."""
+    # Imported here: both build on this module's interface.
+    from engine.gatewaylimit import PAY_MAX_WAIT_S, GatewayLimiter, RateLimitedGateway
     from engine.mockgateway import MockGateway
 
-    return MockGateway(redis)
+    inner: PaymentGateway
+    if settings.stripe_api_key:
+        inner = StripeGateway(settings.stripe_api_key, settings.stripe_api_base)
+    else:
+        inner = MockGateway(redis)
+    limiter = GatewayLimiter(redis, settings.gateway_rate_per_s)
+    return RateLimitedGateway(inner, limiter, PAY_MAX_WAIT_S if max_wait_s is None else max_wait_s)

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 from redis.asyncio import Redis
 
 from engine.db import connect_postgres, connect_redis, migrate
+from engine.http.app import create_app
 from engine.inventory import SaleDefinition, load_sale
 from engine.payments import GatewayRefused, GatewayUnavailable, Intent, PaymentGateway
 from engine.sales import create_sale
@@ -48,11 +50,13 @@ class CountingGateway:
     def __init__(self, inner: PaymentGateway) -> None:
         self.inner = inner
         self.calls: Counter[str] = Counter()
+        self.at: list[float] = []  # time.monotonic() of every call
         self.refuse: set[str] = set()
         self.down: GatewayUnavailable | None = None
 
     def _count(self, method: str, intent_id: str = "") -> None:
         self.calls[method] += 1
+        self.at.append(time.monotonic())
         if self.down is not None:
             raise self.down
         if intent_id in self.refuse:
@@ -120,6 +124,16 @@ async def db(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     await pool.execute("TRUNCATE sales, orders, order_events, payments, webhook_events CASCADE")
     yield pool
     await pool.close()
+
+
+@pytest.fixture
+async def client(settings: Settings, redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
+    """The app (mock gateway) on the test Redis, through its lifespan."""
+    app = create_app(settings, redis)
+    transport = httpx.ASGITransport(app=app)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            yield c
 
 
 def sale_definition(**overrides: Any) -> SaleDefinition:

@@ -24,6 +24,7 @@ from typing import Any
 from redis.asyncio import Redis
 
 from engine.db import connect_postgres, connect_redis
+from engine.gatewaylimit import BACKGROUND_MAX_WAIT_S
 from engine.keys import sale_keys
 from engine.payments import make_gateway
 from engine.sales import live_sale_ids
@@ -72,7 +73,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["store"] = connect_redis(settings, pool_size=32)
     ctx["db"] = await connect_postgres(settings, min_size=1, max_size=4)
     ctx["consumer"] = f"{socket.gethostname()}-{os.getpid()}"
-    ctx["gateway"] = make_gateway(settings, ctx["store"])
+    # Jobs take only the gateway slots close at hand: the further ones are the shoppers'.
+    ctx["gateway"] = make_gateway(settings, ctx["store"], max_wait_s=BACKGROUND_MAX_WAIT_S)
     await load_scripts(ctx["store"])
 
 
