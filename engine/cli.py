@@ -246,7 +246,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         sale_ids = [args.sale] if args.sale else await live_sale_ids(redis)
         differences = 0
         for sale_id in sale_ids:
-            report = await reconcile(redis, db, gateway, sale_id, repair=args.repair)
+            report = await reconcile(
+                redis, db, gateway, sale_id, repair=args.repair, full=args.full
+            )
             differences += len(report.differences)
             print(f"sale {sale_id}: {len(report.differences) or 'no'} differences")
             if report.differences:
@@ -432,6 +434,12 @@ def build_parser() -> argparse.ArgumentParser:
     reconcile.add_argument("--sale", help="only this sale (default: every live sale)")
     reconcile.add_argument(
         "--repair", action="store_true", help="fix what can be fixed safely, and say what was done"
+    )
+    reconcile.add_argument(
+        "--full",
+        action="store_true",
+        help="compare every order and intent (an audit), not only what changed at the gateway "
+        "since the sale's cursor",
     )
     reconcile.set_defaults(func=cmd_reconcile)
 

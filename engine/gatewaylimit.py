@@ -20,12 +20,12 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from redis.asyncio import Redis
 
 from engine.keys import GATEWAY_RATE
-from engine.payments import GatewayBusy, Intent, PaymentGateway
+from engine.payments import EventPage, GatewayBusy, Intent, PaymentGateway
 from engine.scripts import SCRIPTS, Code
 
 __all__ = [
@@ -117,8 +117,8 @@ class RateLimitedGateway:
     async def refund(self, intent_id: str, order_id: str) -> str:
         return await self._call(lambda: self.inner.refund(intent_id, order_id))
 
-    async def recent_events(self, since: int) -> list[dict[str, Any]]:
-        return await self._call(lambda: self.inner.recent_events(since))
+    async def event_page(self, since: int, starting_after: str | None) -> EventPage:
+        return await self._call(lambda: self.inner.event_page(since, starting_after))
 
     async def aclose(self) -> None:
         await self.inner.aclose()

@@ -14,7 +14,8 @@ __all__ = [
     "LIVE_SALES",
     "OUTBOX_GROUP",
     "SaleKeys",
-    "mock_events",
+    "mock_event_bodies",
+    "mock_event_index",
     "mock_idempotency",
     "mock_intent",
     "sale_keys",
@@ -84,6 +85,12 @@ class SaleKeys:
         when the cancel is due (ms)."""
         return f"{self.tag}:voids"
 
+    @property
+    def reconciled(self) -> str:
+        """String: unix seconds up to which reconcile compared the gateway's events for this
+        sale (its cursor; the next sweep reads from a little before it)."""
+        return f"{self.tag}:reconciled-until"
+
     def order(self, order_id: str) -> str:
         """Hash: one order's live state."""
         return f"{self.tag}:order:{order_id}"
@@ -98,9 +105,15 @@ def mock_intent(intent_id: str) -> str:
     return f"fs:mock-gateway:pi:{intent_id}"
 
 
-def mock_events() -> str:
-    """List: the mock gateway's events, newest first (Stripe's event log, for reconcile)."""
-    return "fs:mock-gateway:events"
+def mock_event_index() -> str:
+    """Sorted set: the mock gateway's event ids by creation time (unix seconds), its answer
+    to "events since" (Stripe's event log, for reconcile)."""
+    return "fs:mock-gateway:events-by-time"
+
+
+def mock_event_bodies() -> str:
+    """Hash: event id -> the mock gateway's event, as JSON."""
+    return "fs:mock-gateway:event-bodies"
 
 
 def mock_idempotency(key: str) -> str:

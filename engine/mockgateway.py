@@ -13,10 +13,21 @@ import orjson
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
-from engine.keys import mock_events, mock_idempotency, mock_intent
-from engine.payments import INTENT_KEY, REFUND_KEY, GatewayRefused, Intent, intent_event
+from engine.keys import mock_event_bodies, mock_event_index, mock_idempotency, mock_intent
+from engine.payments import (
+    EVENT_PAGE,
+    INTENT_KEY,
+    REFUND_KEY,
+    EventPage,
+    GatewayRefused,
+    Intent,
+    intent_event,
+)
 
-__all__ = ["MockGateway"]
+__all__ = ["KEPT_EVENTS", "MockGateway"]
+
+# Events the mock keeps, newest first (a demo's worth): the oldest go as new ones come.
+KEPT_EVENTS = 10_000
 
 
 class MockGateway:
@@ -28,10 +39,22 @@ class MockGateway:
     async def aclose(self) -> None:
         """Nothing to close: the Redis client belongs to the caller."""
 
-    async def recent_events(self, since: int) -> list[dict[str, Any]]:
-        raw = await self._redis.lrange(mock_events(), 0, -1)
-        events = [orjson.loads(item) for item in raw]
-        return [event for event in events if event["created"] >= since]
+    async def event_page(self, since: int, starting_after: str | None) -> EventPage:
+        index = mock_event_index()
+        start = 0
+        if starting_after is not None:
+            rank = await self._redis.zrevrank(index, starting_after)
+            if rank is None:
+                return EventPage([], False)  # trimmed away meanwhile
+            # The range below starts at the newest event, so its offsets are ranks too.
+            start = rank + 1
+        ids: list[str] = await self._redis.zrevrangebyscore(
+            index, "+inf", since, start=start, num=EVENT_PAGE + 1
+        )
+        page = ids[:EVENT_PAGE]
+        bodies = await self._redis.hmget(mock_event_bodies(), page) if page else []
+        events = [orjson.loads(body) for body in bodies if body is not None]
+        return EventPage(events, len(ids) > EVENT_PAGE)
 
     async def _read(self, intent_id: str) -> Intent:
         fields = await self._redis.hgetall(mock_intent(intent_id))
@@ -115,6 +138,13 @@ class MockGateway:
         kind = "payment_intent.succeeded" if succeeded else "payment_intent.payment_failed"
         event = intent_event(kind, intent)
         # Kept like Stripe keeps its events, so reconciliation can find a lost webhook.
-        await self._redis.lpush(mock_events(), orjson.dumps(event))
-        await self._redis.ltrim(mock_events(), 0, 9_999)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.hset(mock_event_bodies(), event["id"], orjson.dumps(event))
+            pipe.zadd(mock_event_index(), {event["id"]: event["created"]})
+            pipe.zcard(mock_event_index())
+            *_, kept = await pipe.execute()
+        if kept > KEPT_EVENTS:
+            oldest = await self._redis.zrange(mock_event_index(), 0, kept - KEPT_EVENTS - 1)
+            await self._redis.zrem(mock_event_index(), *oldest)
+            await self._redis.hdel(mock_event_bodies(), *oldest)
         return event

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,15 +26,19 @@ from redis.asyncio import Redis
 from engine.settings import Settings
 
 __all__ = [
+    "EVENT_PAGE",
     "INTENT_KEY",
     "REFUND_KEY",
+    "EventPage",
     "GatewayBusy",
     "GatewayRefused",
     "GatewayUnavailable",
     "Intent",
     "PaymentGateway",
     "StripeGateway",
+    "events_since",
     "intent_event",
+    "intent_of",
     "make_gateway",
     "signed_event",
 ]
@@ -42,6 +47,8 @@ __all__ = [
 # cannot collide with a later, different request.
 INTENT_KEY = "pi-{order_id}"
 REFUND_KEY = "refund-{order_id}"
+# Events per listing call: Stripe's largest page.
+EVENT_PAGE = 100
 
 
 class GatewayUnavailable(Exception):
@@ -72,6 +79,12 @@ class Intent:
     order_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    events: list[dict[str, Any]]  # Stripe-shaped events, newest first
+    has_more: bool
+
+
 class PaymentGateway(Protocol):
     async def create_intent(
         self, order_id: str, sale_id: str, amount: int, currency: str
@@ -87,15 +100,17 @@ class PaymentGateway(Protocol):
         """Refund the whole payment (idempotent per order); returns the refund id."""
         ...
 
-    async def recent_events(self, since: int) -> list[dict[str, Any]]:
-        """Events created since ``since`` (unix seconds), newest first: what reconciliation
-        compares with the webhooks that actually arrived."""
+    async def event_page(self, since: int, starting_after: str | None) -> EventPage:
+        """Up to ``EVENT_PAGE`` events created at or after ``since`` (unix seconds), newest
+        first, after the event ``starting_after`` (None: from the newest): what changed at the
+        gateway, for reconciliation."""
         ...
 
     async def aclose(self) -> None: ...
 
 
-def _intent(obj: Any) -> Intent:
+def intent_of(obj: Any) -> Intent:
+    """An ``Intent`` from Stripe's payment intent object (the SDK's, or an event's dict)."""
     if hasattr(obj, "to_dict"):  # the SDK's objects are not dicts
         obj = obj.to_dict()
     metadata = obj.get("metadata") or {}
@@ -139,19 +154,15 @@ class StripeGateway:
     async def aclose(self) -> None:
         await self._http.close_async()  # type: ignore[no-untyped-call]
 
-    async def recent_events(self, since: int) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = []
-        params: dict[str, Any] = {"created": {"gte": since}, "limit": 100}
+    async def event_page(self, since: int, starting_after: str | None) -> EventPage:
+        params: dict[str, Any] = {"created": {"gte": since}, "limit": EVENT_PAGE}
+        if starting_after is not None:
+            params["starting_after"] = starting_after
         try:
-            # Pages of 100, newest first; a flash sale's events fit in a handful of pages.
-            while True:
-                page = await self._client.v1.events.list_async(params)  # type: ignore[arg-type]
-                events += [event.to_dict() for event in page.data]
-                if not page.has_more or not page.data:
-                    return events
-                params["starting_after"] = page.data[-1].id
+            page = await self._client.v1.events.list_async(params)  # type: ignore[arg-type]
         except _RETRYABLE as exc:
             raise _unavailable(exc) from exc
+        return EventPage([event.to_dict() for event in page.data], bool(page.has_more))
 
     async def create_intent(
         self, order_id: str, sale_id: str, amount: int, currency: str
@@ -167,11 +178,11 @@ class StripeGateway:
             )
         except _RETRYABLE as exc:
             raise _unavailable(exc) from exc
-        return _intent(obj)
+        return intent_of(obj)
 
     async def retrieve_intent(self, intent_id: str) -> Intent:
         try:
-            return _intent(await self._client.v1.payment_intents.retrieve_async(intent_id))
+            return intent_of(await self._client.v1.payment_intents.retrieve_async(intent_id))
         except _RETRYABLE as exc:
             raise _unavailable(exc) from exc
         except stripe.StripeError as exc:  # e.g. no such intent (another account or mode)
@@ -179,7 +190,7 @@ class StripeGateway:
 
     async def cancel_intent(self, intent_id: str) -> Intent:
         try:
-            return _intent(await self._client.v1.payment_intents.cancel_async(intent_id))
+            return intent_of(await self._client.v1.payment_intents.cancel_async(intent_id))
         except stripe.InvalidRequestError:
             # Stripe refuses to cancel an intent that succeeded (or is already canceled):
             # what it is now decides what the caller does.
@@ -203,6 +214,19 @@ class StripeGateway:
                 return str(existing.data[0].id)
             raise GatewayRefused(str(exc)) from exc
         return str(refund.id)
+
+
+async def events_since(gateway: PaymentGateway, since: int) -> AsyncIterator[list[dict[str, Any]]]:
+    """The gateway's events created at or after ``since`` (unix seconds), a page at a time
+    (one gateway call each), newest first."""
+    after: str | None = None
+    while True:
+        page = await gateway.event_page(since, after)
+        if page.events:
+            yield page.events
+        if not page.has_more or not page.events:
+            return
+        after = page.events[-1]["id"]
 
 
 def intent_event(kind: str, intent: Intent, created: int | None = None) -> dict[str, Any]:

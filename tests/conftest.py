@@ -22,7 +22,13 @@ from redis.asyncio import Redis
 from engine.db import connect_postgres, connect_redis, migrate
 from engine.http.app import create_app
 from engine.inventory import SaleDefinition, load_sale
-from engine.payments import GatewayRefused, GatewayUnavailable, Intent, PaymentGateway
+from engine.payments import (
+    EventPage,
+    GatewayRefused,
+    GatewayUnavailable,
+    Intent,
+    PaymentGateway,
+)
 from engine.sales import create_sale
 from engine.scripts import load_scripts
 from engine.settings import Settings
@@ -80,9 +86,9 @@ class CountingGateway:
         self._count("refund", intent_id)
         return await self.inner.refund(intent_id, order_id)
 
-    async def recent_events(self, since: int) -> list[dict[str, Any]]:
-        self._count("recent_events")
-        return await self.inner.recent_events(since)
+    async def event_page(self, since: int, starting_after: str | None) -> EventPage:
+        self._count("event_page")
+        return await self.inner.event_page(since, starting_after)
 
     async def aclose(self) -> None:
         await self.inner.aclose()

@@ -625,22 +625,24 @@ async def test_cancelled_orders_intents_are_cancelled_at_stripe(
     assert await void_intents(redis, gateway, sale.id) == 0
 
 
+@pytest.mark.parametrize("full", [True, False], ids=["full", "since-cursor"])
 async def test_reconcile_finds_and_repairs_a_missed_webhook(
     redis: Redis,
     db: asyncpg.Pool,
     ledger_sale: SaleFactory,
     gateway: StripeGateway,
     sdk: stripe.StripeClient,
+    full: bool,
 ):
     sale = await ledger_sale(stock=3)
     order_id, intent_id = await held_order(redis, gateway, sale.id)
     await card_pays(sdk, intent_id)  # Stripe has the event; it never reached us
     await drain_sale(redis, db, sale.id, "c", batch=100, claim_idle_ms=60_000)
-    report = await reconcile(redis, db, gateway, sale.id)
+    report = await reconcile(redis, db, gateway, sale.id, full=full)
     kinds = sorted(d.kind for d in report.differences)
     assert kinds == ["missed-webhook", "paid-at-gateway-not-here"]
-    repaired = await reconcile(redis, db, gateway, sale.id, repair=True)
+    repaired = await reconcile(redis, db, gateway, sale.id, repair=True, full=full)
     assert any("received" in line for line in repaired.repaired)
     assert (await inventory.read_order(redis, sale.id, order_id))["state"] == "paid"
     await drain_sale(redis, db, sale.id, "c", batch=100, claim_idle_ms=60_000)
-    assert (await reconcile(redis, db, gateway, sale.id)).differences == []
+    assert (await reconcile(redis, db, gateway, sale.id, full=full)).differences == []

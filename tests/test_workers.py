@@ -303,7 +303,7 @@ async def test_every_job_on_2000_unpaid_holds_calls_the_gateway_for_none(
     for job in WorkerSettings.cron_jobs:
         await job.coroutine(ctx)
     # Reconcile asks what changed at the gateway since its cursor: one page, whatever the holds.
-    assert gateway.calls == {"recent_events": 1}
+    assert gateway.calls == {"event_page": 1}
 
 
 def test_the_cron_table_runs_each_job_from_its_family_module():
