@@ -23,7 +23,7 @@ from engine.settings import Settings
 from tests.conftest import CountingGateway, SaleFactory
 from tests.test_scripts import snapshot
 from workers.context import Pass
-from workers.payments import refunds, void_pass
+from workers.payments import GatewayWork, refunds, void_pass
 
 
 async def test_gateway_rate_contract(redis: Redis):
@@ -143,7 +143,7 @@ async def test_a_429_from_the_gateway_backs_every_caller_off_and_fails_no_job(
         assert 1.5 < waiting.value.retry_after_s <= 2.1
 
         # A job meeting it stops its pass, keeps the order in its index, and does not fail.
-        assert await void_pass(redis, gateway, sale.id) == Pass(0, False)
+        assert await void_pass(GatewayWork(redis, gateway), sale.id) == Pass(0, False)
         await redis.sadd(LIVE_SALES, sale.id)
         assert await refunds({"store": redis, "gateway": gateway, "settings": settings}) == 0
         assert await redis.zrange(sale_keys(sale.id).voids, 0, -1) == [hold.order_id]

@@ -33,7 +33,7 @@ from localrun.servers import free_port
 from tests.conftest import SaleFactory, flashsale
 from workers.holds import expire_sale
 from workers.outbox import drain_sale
-from workers.payments import pay_refunds, void_intents
+from workers.payments import GatewayWork, all_due, refund_pass, void_pass
 
 SECRET = "whsec_flashsale_tests"
 VISA = "4242424242424242"
@@ -298,11 +298,11 @@ async def test_late_payment_for_an_expired_hold(
         assert await redis.get(keys.stock) == "0"
         return
     assert outcome == "refund_pending"
-    assert await pay_refunds(redis, gateway, sale.id) == 1
+    assert await all_due(refund_pass, GatewayWork(redis, gateway), sale.id) == 1
     order = await inventory.read_order(redis, sale.id, order_id)
     assert order["state"] == "refunded" and order["refund"].startswith("re_")
     assert await redis.hmget(keys.sale, "sold", "held") == ["0", "1"]  # bob's hold
-    assert await pay_refunds(redis, gateway, sale.id) == 0
+    assert await all_due(refund_pass, GatewayWork(redis, gateway), sale.id) == 0
 
 
 async def test_expiry_racing_a_payment_has_one_outcome(
@@ -352,7 +352,7 @@ async def test_worker_killed_between_the_gateway_and_redis(
     await inventory.confirm(redis, sale.id, hold.order_id, first.id)
     await inventory.refund(redis, sale.id, hold.order_id, "request", restock=True)
     refund_id = await mock.refund(first.id, hold.order_id)
-    assert await pay_refunds(redis, mock, sale.id) == 1
+    assert await all_due(refund_pass, GatewayWork(redis, mock), sale.id) == 1
     order = await inventory.read_order(redis, sale.id, hold.order_id)
     assert (order["state"], order["refund"]) == ("refunded", refund_id)
     assert await redis.get(sale_keys(sale.id).stock) == str(sale.stock)
@@ -620,9 +620,9 @@ async def test_cancelled_orders_intents_are_cancelled_at_stripe(
     order_id, intent_id = await held_order(redis, gateway, sale.id)
     await inventory.release(redis, sale.id, order_id, "cancelled", "alice")
     assert await redis.zrange(sale_keys(sale.id).voids, 0, -1) == [order_id]
-    assert await void_intents(redis, gateway, sale.id) == 1
+    assert await all_due(void_pass, GatewayWork(redis, gateway), sale.id) == 1
     assert (await gateway.retrieve_intent(intent_id)).status == "canceled"
-    assert await void_intents(redis, gateway, sale.id) == 0
+    assert await all_due(void_pass, GatewayWork(redis, gateway), sale.id) == 0
 
 
 @pytest.mark.parametrize("full", [True, False], ids=["full", "since-cursor"])

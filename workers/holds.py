@@ -17,18 +17,8 @@ from engine import inventory
 from engine.keys import sale_keys
 from engine.payments import PaymentGateway
 from engine.scripts import Code
-from workers.context import (
-    BATCH,
-    JOB_WINDOW_S,
-    Pass,
-    defer,
-    due,
-    each_sale,
-    in_passes,
-    log,
-    order_fields,
-)
-from workers.payments import GatewayCalls, expire_or_settle
+from workers.context import BATCH, JOB_WINDOW_S, Pass, defer, due, each_sale, log
+from workers.payments import GatewayWork, all_due, expire_or_settle
 
 __all__ = ["PROCESSING_RETRY_MS", "expire_holds", "expire_sale", "settle_pass"]
 
@@ -55,31 +45,23 @@ async def _release_due(redis: Redis, sale_id: str, index: str, batch: int) -> in
             return expired
 
 
-async def settle_pass(
-    redis: Redis,
-    gateway: PaymentGateway,
-    sale_id: str,
-    batch: int = BATCH,
-    deadline: float | None = None,
-) -> Pass:
-    """Expire at most ``batch`` due holds that have an intent, cancelling each intent first: if
-    the money already moved, the order becomes paid instead."""
-    keys = sale_keys(sale_id)
-    found = await due(redis, keys.intent_holds, batch)
-    rows = await order_fields(redis, sale_id, found, "pi")
+async def settle_pass(work: GatewayWork, sale_id: str) -> Pass:
+    """Expire a batch of due holds that have an intent, cancelling each intent first: if the
+    money already moved, the order becomes paid instead."""
+    redis, keys = work.redis, sale_keys(sale_id)
 
-    async def one(order_id: str, i: int) -> bool:
-        [intent_id] = rows[i]
+    async def one(order_id: str, row: list[str | None]) -> bool:
+        [intent_id] = row
         if not intent_id:  # attach_payment writes both at once: only a hand-made index entry
             result = await inventory.release(redis, sale_id, order_id, "expired")
             return result.code is Code.OK
-        state = await expire_or_settle(redis, gateway, sale_id, order_id, intent_id)
+        state = await expire_or_settle(redis, work.gateway, sale_id, order_id, intent_id)
         if state == "reserved":
             await defer(redis, keys.intent_holds, order_id, PROCESSING_RETRY_MS)
             return False
         return True
 
-    return await GatewayCalls(deadline).each(found, one, batch)
+    return await work.walk(sale_id, keys.intent_holds, ("pi",), one)
 
 
 async def expire_sale(
@@ -100,9 +82,8 @@ async def expire_sale(
         # Without a gateway (tests, tools) holds with an intent expire plainly too; a payment
         # arriving later still takes the late-payment path in ``confirm``.
         return expired + await _release_due(redis, sale_id, keys.intent_holds, batch)
-    return expired + await in_passes(
-        lambda: settle_pass(redis, gateway, sale_id, batch, deadline), deadline
-    )
+    work = GatewayWork(redis, gateway, batch, deadline)
+    return expired + await all_due(settle_pass, work, sale_id)
 
 
 async def expire_holds(ctx: dict[str, Any]) -> int:

@@ -2,14 +2,15 @@
 hold's intent before the hold expires.
 
 A PaymentIntent is made when the shopper asks to pay (``engine.checkout``), never by a job.
-The arq job is ``refunds`` (``pay_refunds`` and ``void_intents``); ``expire_or_settle`` runs
-inside the expiry job (``workers.holds``). Each walks its own work index (``keys.refunds``,
-``keys.voids``, ``keys.intent_holds``) in bounded passes (``workers.context``).
+The arq job is ``refunds`` (``refund_pass`` and ``void_pass``); ``expire_or_settle`` runs
+inside the expiry job (``workers.holds``, ``settle_pass``). Each pass walks its own work index
+(``keys.refunds``, ``keys.voids``, ``keys.intent_holds``) a bounded batch at a time
+(``workers.context``).
 
-The gateway answering "unavailable" or "busy" for one order stops the pass: the gateway is down
-or over its rate, and every order keeps its place for the next tick. The gateway refusing one
-order (an intent it does not know) is logged and that order steps aside, so the orders behind
-it are never held up.
+The gateway answering "unavailable" or "busy" for one order stops the job's gateway work: the
+gateway is down or over its rate, and every order keeps its place for the next tick. The
+gateway refusing one order (an intent it does not know) is logged and that order steps aside,
+so the orders behind it are never held up.
 """
 
 from __future__ import annotations
@@ -41,37 +42,49 @@ from workers.context import (
 __all__ = [
     "GATEWAY_CONCURRENCY",
     "REFUSED_RETRY_MS",
-    "GatewayCalls",
+    "GatewayWork",
+    "PassFn",
+    "all_due",
     "expire_or_settle",
-    "pay_refunds",
     "refund_pass",
     "refunds",
-    "void_intents",
     "void_pass",
 ]
 
 log = logging.getLogger("flashsale.payments")
 
-# Calls in flight per pass: enough to keep up with the shared gateway rate (engine.gatewaylimit)
-# while each waits for the gateway's answer, few enough that a pass stops quickly on "busy".
+# Calls in flight at once: enough to keep up with the shared gateway rate (engine.gatewaylimit)
+# while each waits for the gateway's answer, few enough that work stops quickly on "busy".
 GATEWAY_CONCURRENCY = 8
 # A refund the gateway refused is tried again this much later (ms); reconcile reports it
 # meanwhile as refund-owed.
 REFUSED_RETRY_MS = 3_600_000
 
+OrderWork = Callable[[str, list[str | None]], Awaitable[bool]]
 
-class GatewayCalls:
-    """One pass's gateway work, a few orders at a time. The first ``GatewayUnavailable`` (down,
-    or busy: over the rate) or the deadline stops new work; what was not started stays due."""
 
-    def __init__(self, deadline: float | None) -> None:
-        self._gate = asyncio.Semaphore(GATEWAY_CONCURRENCY)
-        self._deadline = deadline
+class GatewayWork:
+    """One job run's gateway work over work indexes, a few orders at a time: the clients, the
+    batch a pass reads, and the deadline. The first ``GatewayUnavailable`` (down, or busy:
+    over the rate) or the deadline stops all of it; what was not started stays due."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        gateway: PaymentGateway,
+        batch: int = BATCH,
+        deadline: float | None = None,
+    ) -> None:
+        self.redis = redis
+        self.gateway = gateway
+        self.batch = batch
+        self.deadline = deadline
         self.stopped = False
+        self._gate = asyncio.Semaphore(GATEWAY_CONCURRENCY)
 
-    async def run(self, work: Callable[[], Awaitable[bool]]) -> bool:
+    async def _run(self, work: Callable[[], Awaitable[bool]]) -> bool:
         async with self._gate:
-            if self._deadline is not None and time.monotonic() >= self._deadline:
+            if self.deadline is not None and time.monotonic() >= self.deadline:
                 self.stopped = True
             if self.stopped:
                 return False
@@ -83,31 +96,36 @@ class GatewayCalls:
                 self.stopped = True
                 return False
 
-    async def each(
-        self, order_ids: list[str], work: Callable[[str, int], Awaitable[bool]], batch: int
+    async def walk(
+        self, sale_id: str, index: str, fields: tuple[str, ...], work: OrderWork
     ) -> Pass:
-        """``work(order_id, i)`` for each order (True: done); the pass's result."""
+        """One pass over a work index: ``work(order_id, its fields)`` for each of at most
+        ``batch`` due orders (True: done)."""
+        if self.stopped:
+            return Pass(0, False)
+        found = await due(self.redis, index, self.batch)
+        rows = await order_fields(self.redis, sale_id, found, *fields)
         done = await asyncio.gather(
-            *(self.run(partial(work, oid, i)) for i, oid in enumerate(order_ids))
+            *(self._run(partial(work, oid, row)) for oid, row in zip(found, rows, strict=True))
         )
-        return Pass(done=sum(done), more=len(order_ids) == batch and not self.stopped)
+        return Pass(done=sum(done), more=len(found) == self.batch and not self.stopped)
 
 
-async def refund_pass(
-    redis: Redis,
-    gateway: PaymentGateway,
-    sale_id: str,
-    batch: int = BATCH,
-    deadline: float | None = None,
-) -> Pass:
-    """Refund at the gateway at most ``batch`` due refund_pending orders, then mark them
-    refunded."""
-    keys = sale_keys(sale_id)
-    owed = await due(redis, keys.refunds, batch)
-    rows = await order_fields(redis, sale_id, owed, "pi", "state")
+PassFn = Callable[[GatewayWork, str], Awaitable[Pass]]
 
-    async def one(order_id: str, i: int) -> bool:
-        intent_id, state = rows[i]
+
+async def all_due(one_pass: PassFn, work: GatewayWork, sale_id: str) -> int:
+    """``one_pass`` (``refund_pass``, ``void_pass``, ``settle_pass``) over the sale again and
+    again until nothing is due or the work stops; returns the orders done."""
+    return await in_passes(lambda: one_pass(work, sale_id), work.deadline)
+
+
+async def refund_pass(work: GatewayWork, sale_id: str) -> Pass:
+    """Refund at the gateway a batch of due refund_pending orders, then mark them refunded."""
+    redis, keys = work.redis, sale_keys(sale_id)
+
+    async def one(order_id: str, row: list[str | None]) -> bool:
+        intent_id, state = row
         if state != "refund_pending":
             await redis.zrem(keys.refunds, order_id)  # nothing owed on it any more
             return False
@@ -116,7 +134,7 @@ async def refund_pass(
             await defer(redis, keys.refunds, order_id, REFUSED_RETRY_MS)
             return False
         try:
-            refund_id = await gateway.refund(intent_id, order_id)
+            refund_id = await work.gateway.refund(intent_id, order_id)
         except GatewayRefused as exc:
             log.warning("refund of %s refused, tried again in an hour: %s", order_id, exc)
             await defer(redis, keys.refunds, order_id, REFUSED_RETRY_MS)
@@ -126,39 +144,20 @@ async def refund_pass(
         result = await inventory.refund(redis, sale_id, order_id, "complete", refund_id=refund_id)
         return result.code is Code.OK
 
-    return await GatewayCalls(deadline).each(owed, one, batch)
+    return await work.walk(sale_id, keys.refunds, ("pi", "state"), one)
 
 
-async def pay_refunds(
-    redis: Redis,
-    gateway: PaymentGateway,
-    sale_id: str,
-    batch: int = BATCH,
-    deadline: float | None = None,
-) -> int:
-    """Refund what is owed, pass after pass until nothing is due or ``deadline``."""
-    return await in_passes(lambda: refund_pass(redis, gateway, sale_id, batch, deadline), deadline)
+async def void_pass(work: GatewayWork, sale_id: str) -> Pass:
+    """Cancel at the gateway the intents of a batch of orders the shopper cancelled, so nobody
+    pays for a hold that is gone (a payment that still slips through takes confirm's late
+    path)."""
+    redis, keys = work.redis, sale_keys(sale_id)
 
-
-async def void_pass(
-    redis: Redis,
-    gateway: PaymentGateway,
-    sale_id: str,
-    batch: int = BATCH,
-    deadline: float | None = None,
-) -> Pass:
-    """Cancel at the gateway the intents of at most ``batch`` orders the shopper cancelled, so
-    nobody pays for a hold that is gone (a payment that still slips through takes confirm's
-    late path)."""
-    keys = sale_keys(sale_id)
-    cancelled = await due(redis, keys.voids, batch)
-    rows = await order_fields(redis, sale_id, cancelled, "pi")
-
-    async def one(order_id: str, i: int) -> bool:
-        [intent_id] = rows[i]
+    async def one(order_id: str, row: list[str | None]) -> bool:
+        [intent_id] = row
         if intent_id:
             try:
-                intent = await gateway.cancel_intent(intent_id)
+                intent = await work.gateway.cancel_intent(intent_id)
             except GatewayRefused as exc:
                 # Unknown to the gateway: nothing can be paid through it.
                 log.warning("void of %s: intent %s unknown: %s", order_id, intent_id, exc)
@@ -169,18 +168,7 @@ async def void_pass(
         await redis.zrem(keys.voids, order_id)
         return True
 
-    return await GatewayCalls(deadline).each(cancelled, one, batch)
-
-
-async def void_intents(
-    redis: Redis,
-    gateway: PaymentGateway,
-    sale_id: str,
-    batch: int = BATCH,
-    deadline: float | None = None,
-) -> int:
-    """Void the cancelled orders' intents, pass after pass until none is due or ``deadline``."""
-    return await in_passes(lambda: void_pass(redis, gateway, sale_id, batch, deadline), deadline)
+    return await work.walk(sale_id, keys.voids, ("pi",), one)
 
 
 async def expire_or_settle(
@@ -211,10 +199,9 @@ async def expire_or_settle(
 async def refunds(ctx: dict[str, Any]) -> int:
     """The arq job: refund at the gateway what is owed (late payments without stock, admin
     refunds), and cancel the intents of cancelled orders."""
-    deadline = time.monotonic() + JOB_WINDOW_S
+    work = GatewayWork(ctx["store"], ctx["gateway"], deadline=time.monotonic() + JOB_WINDOW_S)
 
     async def one(sale_id: str) -> int:
-        paid = await pay_refunds(ctx["store"], ctx["gateway"], sale_id, deadline=deadline)
-        return paid + await void_intents(ctx["store"], ctx["gateway"], sale_id, deadline=deadline)
+        return await all_due(refund_pass, work, sale_id) + await all_due(void_pass, work, sale_id)
 
     return await each_sale(ctx, "refunds", one)
