@@ -1,7 +1,8 @@
-"""Paying for an order: one PaymentIntent per order, whoever asks first (worker or shopper)."""
+"""Paying for an order: one PaymentIntent per order, made when the shopper first asks to pay."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from redis.asyncio import Redis
@@ -9,7 +10,7 @@ from redis.asyncio import Redis
 from engine import inventory
 from engine.errors import Conflict, NotFound, Unavailable
 from engine.keys import sale_keys
-from engine.payments import GatewayUnavailable, PaymentGateway
+from engine.payments import GatewayBusy, GatewayUnavailable, PaymentGateway
 
 __all__ = ["ensure_intent", "payment_for"]
 
@@ -19,13 +20,20 @@ async def ensure_intent(
 ) -> tuple[str, str]:
     """The order's intent (id, client secret), created at the gateway if it has none yet.
 
-    The gateway's idempotency key is the order id, so a worker and the shopper's pay call
-    racing here create one intent; ``attach_payment`` keeps the first if two still arrive.
+    The gateway's idempotency key is the order id, so two pay calls racing here (a double
+    click, a retry) create one intent; ``attach_payment`` keeps the first if two still arrive.
     """
     price, currency = await redis.hmget(sale_keys(sale_id).sale, "price", "currency")
     amount = int(price) * quantity
     try:
         intent = await gateway.create_intent(order_id, sale_id, amount, currency)
+    except GatewayBusy as exc:
+        # Over the deployment's gateway rate (or the gateway's own): answer now, never hang.
+        raise Unavailable(
+            "payment-unavailable",
+            f"the payment gateway is busy: {exc}",
+            headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))},
+        ) from None
     except GatewayUnavailable as exc:
         raise Unavailable(
             "payment-unavailable",

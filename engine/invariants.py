@@ -128,10 +128,17 @@ async def audit_sale(
     if counted != dict(per_user):
         bad("per-user counters disagree with the orders they count")
 
-    holds = set(await redis.zrange(sale_keys(sale_id).holds, 0, -1))
-    reserved = {oid for oid, o in orders.items() if o["state"] == "reserved"}
-    if holds != reserved:
-        bad(f"hold index has {len(holds - reserved)} stale and misses {len(reserved - holds)}")
+    keys = sale_keys(sale_id)
+    # A live hold is in exactly one index: ``intent_holds`` when it has an intent.
+    for index, with_intent in ((keys.holds, False), (keys.intent_holds, True)):
+        held = set(await redis.zrange(index, 0, -1))
+        reserved = {
+            oid
+            for oid, o in orders.items()
+            if o["state"] == "reserved" and bool(o.get("pi")) is with_intent
+        }
+        if held != reserved:
+            bad(f"{index} has {len(held - reserved)} stale and misses {len(reserved - held)}")
 
     if accepted is not None:
         missing = accepted - orders.keys()

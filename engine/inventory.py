@@ -277,9 +277,11 @@ async def release(
 ) -> Release:
     """End a live hold as ``state`` (cancelled, expired, failed). Safe to call any number of
     times: stock and the shopper's count come back only on the first that finds it reserved."""
-    voids = sale_keys(sale_id).voids
+    keys = sale_keys(sale_id)
     reply = await _release(
-        redis, _order_keys(sale_id, order_id, voids), [order_id, state, owner or ""]
+        redis,
+        _order_keys(sale_id, order_id, keys.voids, keys.intent_holds),
+        [order_id, state, owner or ""],
     )
     code = Code(reply[0])
     if code is Code.ORDER_NOT_FOUND:
@@ -294,9 +296,11 @@ async def confirm(
 ) -> Release:
     """A payment succeeded: paid, re-reserved (late payment with stock left), refund_pending
     (late payment without), or nothing (already final, stale event, another intent)."""
-    refunds = sale_keys(sale_id).refunds
+    keys = sale_keys(sale_id)
     reply = await _confirm(
-        redis, _order_keys(sale_id, order_id, refunds), [order_id, intent_id, event_ms]
+        redis,
+        _order_keys(sale_id, order_id, keys.refunds, keys.intent_holds),
+        [order_id, intent_id, event_ms],
     )
     code = Code(reply[0])
     if code is Code.ORDER_NOT_FOUND:
@@ -335,10 +339,13 @@ async def attach_payment(
     amount: int,
     currency: str,
 ) -> tuple[str, str]:
-    """Tie an intent to the order; the first attached wins. Returns (intent id, secret)."""
+    """Tie an intent to the order; the first attached wins, and the hold moves to the index
+    of holds with an intent. Returns (intent id, secret)."""
     keys = sale_keys(sale_id)
     reply = await _attach_payment(
-        redis, [keys.order(order_id), keys.outbox], [intent_id, client_secret, amount, currency]
+        redis,
+        [keys.order(order_id), keys.outbox, keys.holds, keys.intent_holds],
+        [intent_id, client_secret, amount, currency],
     )
     code = Code(reply[0])
     if code is Code.ORDER_NOT_FOUND:

@@ -10,11 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = [
+    "GATEWAY_RATE",
     "LIVE_SALES",
     "OUTBOX_GROUP",
     "WORKER_HEARTBEATS",
     "SaleKeys",
-    "mock_events",
+    "mock_event_bodies",
+    "mock_event_index",
     "mock_idempotency",
     "mock_intent",
     "sale_keys",
@@ -25,6 +27,10 @@ __all__ = [
 LIVE_SALES = "fs:live-sales"
 # Hash: worker job name -> unix ms of its last completed run (``flashsale worker --check``).
 WORKER_HEARTBEATS = "fs:worker-heartbeats"
+
+# The payment gateway's rate limiter (lua/gateway_rate-1.lua), one for the whole deployment:
+# the gateway's limit is per account, not per sale, so it carries no sale's hash tag.
+GATEWAY_RATE = "fs:gateway-rate"
 
 # The consumer group that moves outbox entries into the Postgres ledger.
 OUTBOX_GROUP = "ledger"
@@ -53,8 +59,16 @@ class SaleKeys:
 
     @property
     def holds(self) -> str:
-        """Sorted set: order id scored by hold expiry (ms since epoch)."""
+        """Sorted set: live holds without a PaymentIntent, scored by hold expiry (ms since
+        epoch). ``attach_payment`` moves a hold to ``intent_holds``: a live hold is in exactly
+        one of the two."""
         return f"{self.tag}:holds"
+
+    @property
+    def intent_holds(self) -> str:
+        """Sorted set: live holds with a PaymentIntent, scored by hold expiry (ms): the holds
+        whose expiry needs the gateway (cancel the intent first)."""
+        return f"{self.tag}:intent-holds"
 
     @property
     def outbox(self) -> str:
@@ -64,13 +78,21 @@ class SaleKeys:
 
     @property
     def refunds(self) -> str:
-        """Sorted set: refund_pending order ids, scored by when the refund became owed."""
+        """Sorted set: refund_pending order ids, scored by when the refund is due (ms): when it
+        became owed, or later when the gateway refused it."""
         return f"{self.tag}:refunds"
 
     @property
     def voids(self) -> str:
-        """Sorted set: cancelled orders whose PaymentIntent still has to be cancelled."""
+        """Sorted set: cancelled orders whose PaymentIntent still has to be cancelled, scored by
+        when the cancel is due (ms)."""
         return f"{self.tag}:voids"
+
+    @property
+    def reconciled(self) -> str:
+        """String: unix seconds up to which reconcile compared the gateway's events for this
+        sale (its cursor; the next sweep reads from a little before it)."""
+        return f"{self.tag}:reconciled-until"
 
     def order(self, order_id: str) -> str:
         """Hash: one order's live state."""
@@ -86,9 +108,15 @@ def mock_intent(intent_id: str) -> str:
     return f"fs:mock-gateway:pi:{intent_id}"
 
 
-def mock_events() -> str:
-    """List: the mock gateway's events, newest first (Stripe's event log, for reconcile)."""
-    return "fs:mock-gateway:events"
+def mock_event_index() -> str:
+    """Sorted set: the mock gateway's event ids by creation time (unix seconds), its answer
+    to "events since" (Stripe's event log, for reconcile)."""
+    return "fs:mock-gateway:events-by-time"
+
+
+def mock_event_bodies() -> str:
+    """Hash: event id -> the mock gateway's event, as JSON."""
+    return "fs:mock-gateway:event-bodies"
 
 
 def mock_idempotency(key: str) -> str:

@@ -1,14 +1,21 @@
-"""Payment gateways: Stripe (the official SDK, configurable API base) and an offline mock.
+"""Payment gateways: the interface, and Stripe's (the official SDK, configurable API base); the
+offline mock is ``engine.mockgateway``.
 
-Both create one PaymentIntent per order, keyed for idempotency by the order id, so the worker
-and ``POST /v1/orders/{id}/pay`` racing each other still make one. Errors that are worth a retry
-(network, 5xx, rate limits) surface as ``GatewayUnavailable``.
+Both create one PaymentIntent per order, keyed for idempotency by the order id, so two
+``POST /v1/orders/{id}/pay`` calls racing each other still make one. ``make_gateway`` returns
+the deployment's gateway with every call passing one shared rate limit
+(``engine.gatewaylimit``). Errors::
+
+    GatewayUnavailable   worth a retry later (network, 5xx): the job tries again next tick
+    └── GatewayBusy      over a rate limit, ours or the gateway's 429; ``retry_after_s``
+    GatewayRefused       no for this object (unknown intent, bad state): retrying won't help
 """
 
 from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -16,16 +23,22 @@ import orjson
 import stripe
 from redis.asyncio import Redis
 
-from engine.keys import mock_events, mock_idempotency, mock_intent
 from engine.settings import Settings
 
 __all__ = [
+    "EVENT_PAGE",
+    "INTENT_KEY",
+    "REFUND_KEY",
+    "EventPage",
+    "GatewayBusy",
     "GatewayRefused",
     "GatewayUnavailable",
     "Intent",
-    "MockGateway",
     "PaymentGateway",
     "StripeGateway",
+    "events_since",
+    "intent_event",
+    "intent_of",
     "make_gateway",
     "signed_event",
 ]
@@ -34,10 +47,21 @@ __all__ = [
 # cannot collide with a later, different request.
 INTENT_KEY = "pi-{order_id}"
 REFUND_KEY = "refund-{order_id}"
+# Events per listing call: Stripe's largest page.
+EVENT_PAGE = 100
 
 
 class GatewayUnavailable(Exception):
     """The gateway could not answer now; the job retries later."""
+
+
+class GatewayBusy(GatewayUnavailable):
+    """Over a rate limit (the deployment's, or the gateway answered 429): retry after
+    ``retry_after_s`` seconds."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class GatewayRefused(Exception):
@@ -55,6 +79,12 @@ class Intent:
     order_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class EventPage:
+    events: list[dict[str, Any]]  # Stripe-shaped events, newest first
+    has_more: bool
+
+
 class PaymentGateway(Protocol):
     async def create_intent(
         self, order_id: str, sale_id: str, amount: int, currency: str
@@ -70,15 +100,17 @@ class PaymentGateway(Protocol):
         """Refund the whole payment (idempotent per order); returns the refund id."""
         ...
 
-    async def recent_events(self, since: int) -> list[dict[str, Any]]:
-        """Events created since ``since`` (unix seconds), newest first: what reconciliation
-        compares with the webhooks that actually arrived."""
+    async def event_page(self, since: int, starting_after: str | None) -> EventPage:
+        """Up to ``EVENT_PAGE`` events created at or after ``since`` (unix seconds), newest
+        first, after the event ``starting_after`` (None: from the newest): what changed at the
+        gateway, for reconciliation."""
         ...
 
     async def aclose(self) -> None: ...
 
 
-def _intent(obj: Any) -> Intent:
+def intent_of(obj: Any) -> Intent:
+    """An ``Intent`` from Stripe's payment intent object (the SDK's, or an event's dict)."""
     if hasattr(obj, "to_dict"):  # the SDK's objects are not dicts
         obj = obj.to_dict()
     metadata = obj.get("metadata") or {}
@@ -90,6 +122,23 @@ def _intent(obj: Any) -> Intent:
         currency=obj["currency"],
         order_id=metadata.get("order_id", ""),
     )
+
+
+# Stripe's answers worth a retry later: no answer, 429, 5xx.
+_RETRYABLE = (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError)
+
+
+def _unavailable(exc: stripe.StripeError) -> GatewayUnavailable:
+    """The retryable error for ``exc``; a 429 carries how much later (Retry-After when Stripe
+    sends one, else a second: its limits are per second)."""
+    if not isinstance(exc, stripe.RateLimitError):
+        return GatewayUnavailable(str(exc))
+    headers = {name.lower(): value for name, value in (exc.headers or {}).items()}
+    try:
+        retry_after_s = max(1.0, float(headers.get("retry-after", "1")))
+    except ValueError:
+        retry_after_s = 1.0
+    return GatewayBusy(str(exc), retry_after_s=retry_after_s)
 
 
 class StripeGateway:
@@ -105,19 +154,15 @@ class StripeGateway:
     async def aclose(self) -> None:
         await self._http.close_async()  # type: ignore[no-untyped-call]
 
-    async def recent_events(self, since: int) -> list[dict[str, Any]]:
-        events: list[dict[str, Any]] = []
-        params: dict[str, Any] = {"created": {"gte": since}, "limit": 100}
+    async def event_page(self, since: int, starting_after: str | None) -> EventPage:
+        params: dict[str, Any] = {"created": {"gte": since}, "limit": EVENT_PAGE}
+        if starting_after is not None:
+            params["starting_after"] = starting_after
         try:
-            # Pages of 100, newest first; a flash sale's events fit in a handful of pages.
-            while True:
-                page = await self._client.v1.events.list_async(params)  # type: ignore[arg-type]
-                events += [event.to_dict() for event in page.data]
-                if not page.has_more or not page.data:
-                    return events
-                params["starting_after"] = page.data[-1].id
-        except (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError) as exc:
-            raise GatewayUnavailable(str(exc)) from exc
+            page = await self._client.v1.events.list_async(params)  # type: ignore[arg-type]
+        except _RETRYABLE as exc:
+            raise _unavailable(exc) from exc
+        return EventPage([event.to_dict() for event in page.data], bool(page.has_more))
 
     async def create_intent(
         self, order_id: str, sale_id: str, amount: int, currency: str
@@ -131,27 +176,27 @@ class StripeGateway:
                 },
                 {"idempotency_key": INTENT_KEY.format(order_id=order_id)},
             )
-        except (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError) as exc:
-            raise GatewayUnavailable(str(exc)) from exc
-        return _intent(obj)
+        except _RETRYABLE as exc:
+            raise _unavailable(exc) from exc
+        return intent_of(obj)
 
     async def retrieve_intent(self, intent_id: str) -> Intent:
         try:
-            return _intent(await self._client.v1.payment_intents.retrieve_async(intent_id))
-        except (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError) as exc:
-            raise GatewayUnavailable(str(exc)) from exc
+            return intent_of(await self._client.v1.payment_intents.retrieve_async(intent_id))
+        except _RETRYABLE as exc:
+            raise _unavailable(exc) from exc
         except stripe.StripeError as exc:  # e.g. no such intent (another account or mode)
             raise GatewayRefused(str(exc)) from exc
 
     async def cancel_intent(self, intent_id: str) -> Intent:
         try:
-            return _intent(await self._client.v1.payment_intents.cancel_async(intent_id))
+            return intent_of(await self._client.v1.payment_intents.cancel_async(intent_id))
         except stripe.InvalidRequestError:
             # Stripe refuses to cancel an intent that succeeded (or is already canceled):
             # what it is now decides what the caller does.
             return await self.retrieve_intent(intent_id)
-        except (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError) as exc:
-            raise GatewayUnavailable(str(exc)) from exc
+        except _RETRYABLE as exc:
+            raise _unavailable(exc) from exc
 
     async def refund(self, intent_id: str, order_id: str) -> str:
         try:
@@ -159,8 +204,8 @@ class StripeGateway:
                 {"payment_intent": intent_id, "metadata": {"order_id": order_id}},
                 {"idempotency_key": REFUND_KEY.format(order_id=order_id)},
             )
-        except (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError) as exc:
-            raise GatewayUnavailable(str(exc)) from exc
+        except _RETRYABLE as exc:
+            raise _unavailable(exc) from exc
         except stripe.InvalidRequestError as exc:
             # Refunded already (from the dashboard, or by us before a crash): that refund is
             # the answer. Anything else is a refusal the operator must see.
@@ -171,82 +216,17 @@ class StripeGateway:
         return str(refund.id)
 
 
-class MockGateway:
-    """Offline stand-in with ids ``mock_…``; its state lives in Redis so the API and the
-    workers see the same intents. ``succeed``/``fail`` play the shopper's card."""
-
-    def __init__(self, redis: Redis) -> None:
-        self._redis = redis
-
-    async def aclose(self) -> None:
-        """Nothing to close: the Redis client belongs to the caller."""
-
-    async def recent_events(self, since: int) -> list[dict[str, Any]]:
-        raw = await self._redis.lrange(mock_events(), 0, -1)
-        events = [orjson.loads(item) for item in raw]
-        return [event for event in events if event["created"] >= since]
-
-    async def _read(self, intent_id: str) -> Intent:
-        fields = await self._redis.hgetall(mock_intent(intent_id))
-        if not fields:
-            raise GatewayRefused(f"no such payment intent: {intent_id}")
-        return Intent(
-            id=intent_id,
-            client_secret=fields["client_secret"],
-            status=fields["status"],
-            amount=int(fields["amount"]),
-            currency=fields["currency"],
-            order_id=fields["order_id"],
-        )
-
-    async def create_intent(
-        self, order_id: str, sale_id: str, amount: int, currency: str
-    ) -> Intent:
-        intent_id = "mock_pi_" + secrets.token_hex(8)
-        # SET NX is the idempotency key: whoever comes second gets the first one's intent.
-        key = mock_idempotency(INTENT_KEY.format(order_id=order_id))
-        if not await self._redis.set(key, intent_id, nx=True, ex=86_400):
-            return await self._read(await self._redis.get(key))
-        await self._redis.hset(
-            mock_intent(intent_id),
-            mapping={
-                "client_secret": f"{intent_id}_secret_{secrets.token_hex(8)}",
-                "status": "requires_payment_method",
-                "amount": amount,
-                "currency": currency,
-                "order_id": order_id,
-                "sale_id": sale_id,
-            },
-        )
-        return await self._read(intent_id)
-
-    async def retrieve_intent(self, intent_id: str) -> Intent:
-        return await self._read(intent_id)
-
-    async def cancel_intent(self, intent_id: str) -> Intent:
-        intent = await self._read(intent_id)
-        if intent.status not in ("succeeded", "canceled"):
-            await self._redis.hset(mock_intent(intent_id), "status", "canceled")
-        return await self._read(intent_id)
-
-    async def refund(self, intent_id: str, order_id: str) -> str:
-        key = mock_idempotency(REFUND_KEY.format(order_id=order_id))
-        refund_id = "mock_re_" + secrets.token_hex(8)
-        await self._redis.set(key, refund_id, nx=True, ex=86_400)
-        return str(await self._redis.get(key))
-
-    async def settle(self, intent_id: str, succeeded: bool) -> dict[str, Any]:
-        """The shopper's card answered: update the intent and return the event Stripe would
-        send (``payment_intent.succeeded`` or ``payment_intent.payment_failed``)."""
-        status = "succeeded" if succeeded else "requires_payment_method"
-        await self._redis.hset(mock_intent(intent_id), "status", status)
-        intent = await self._read(intent_id)
-        kind = "payment_intent.succeeded" if succeeded else "payment_intent.payment_failed"
-        event = intent_event(kind, intent)
-        # Kept like Stripe keeps its events, so reconciliation can find a lost webhook.
-        await self._redis.lpush(mock_events(), orjson.dumps(event))
-        await self._redis.ltrim(mock_events(), 0, 9_999)
-        return event
+async def events_since(gateway: PaymentGateway, since: int) -> AsyncIterator[list[dict[str, Any]]]:
+    """The gateway's events created at or after ``since`` (unix seconds), a page at a time
+    (one gateway call each), newest first."""
+    after: str | None = None
+    while True:
+        page = await gateway.event_page(since, after)
+        if page.events:
+            yield page.events
+        if not page.has_more or not page.events:
+            return
+        after = page.events[-1]["id"]
 
 
 def intent_event(kind: str, intent: Intent, created: int | None = None) -> dict[str, Any]:
@@ -278,7 +258,20 @@ def signed_event(
     return body, header
 
 
-def make_gateway(settings: Settings, redis: Redis) -> PaymentGateway:
+def make_gateway(
+    settings: Settings, redis: Redis, max_wait_s: float | None = None
+) -> PaymentGateway:
+    """The deployment's gateway (Stripe with a key, else the mock), every call passing the
+    rate limit shared through ``redis``. ``max_wait_s``: the longest a call waits for its
+    slot before ``GatewayBusy`` (default: what a shopper's pay call waits)."""
+    # Imported here: both build on this module's interface.
+    from engine.gatewaylimit import PAY_MAX_WAIT_S, GatewayLimiter, RateLimitedGateway
+    from engine.mockgateway import MockGateway
+
+    inner: PaymentGateway
     if settings.stripe_api_key:
-        return StripeGateway(settings.stripe_api_key, settings.stripe_api_base)
-    return MockGateway(redis)
+        inner = StripeGateway(settings.stripe_api_key, settings.stripe_api_base)
+    else:
+        inner = MockGateway(redis)
+    limiter = GatewayLimiter(redis, settings.gateway_rate_per_s)
+    return RateLimitedGateway(inner, limiter, PAY_MAX_WAIT_S if max_wait_s is None else max_wait_s)

@@ -42,6 +42,7 @@ class Code(IntEnum):
     NOT_DUE = -12
     INVALID_STATE = -13
     PAYMENT_MISMATCH = -14
+    RATE_LIMITED = -15
     STALE = 5
     RE_RESERVED = 6
     REFUND_PENDING = 7

@@ -26,6 +26,7 @@ This is the only module that reads ``os.environ``. Everything else receives a ``
 | FLASHSALE_REDIS_DEADLINE_MS    | ``1000``: the server's wait for Redis, then 503 |
 | FLASHSALE_MAX_ORDERS_IN_FLIGHT | ``2048``: orders awaiting Redis per process; more get 503 |
 | FLASHSALE_LOG_FORMAT           | ``auto``: text on a terminal, else JSON lines; or json, text |
+| FLASHSALE_GATEWAY_RATE_PER_S   | ``80``: payment gateway calls a second, whole deployment |
 """
 
 from __future__ import annotations
@@ -101,6 +102,9 @@ class Settings:
     max_orders_in_flight: int = 2048
     # auto: text on a terminal, JSON lines otherwise (engine.logs).
     log_format: str = "auto"
+    # Payment gateway calls a second, every server and worker together (engine.gatewaylimit):
+    # under Stripe's live-mode limit of 100 operations a second per account.
+    gateway_rate_per_s: int = 80
 
     @property
     def jwt_algorithm(self) -> str:
@@ -155,6 +159,7 @@ class Settings:
             max_orders_in_flight=_int(
                 env, "FLASHSALE_MAX_ORDERS_IN_FLIGHT", cls.max_orders_in_flight, 1
             ),
+            gateway_rate_per_s=_int(env, "FLASHSALE_GATEWAY_RATE_PER_S", cls.gateway_rate_per_s, 1),
         )
         if settings.environment == "production" and not (
             settings.jwt_secret or settings.jwt_public_key
@@ -201,6 +206,7 @@ class Settings:
             "FLASHSALE_REDIS_DEADLINE_MS": str(self.redis_deadline_ms),
             "FLASHSALE_MAX_ORDERS_IN_FLIGHT": str(self.max_orders_in_flight),
             "FLASHSALE_LOG_FORMAT": self.log_format,
+            "FLASHSALE_GATEWAY_RATE_PER_S": str(self.gateway_rate_per_s),
         }
         optional = {
             "FLASHSALE_JWT_SECRET": self.jwt_secret,

@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from engine import inventory
 from engine.errors import BadRequest, Conflict, NotFound
 from engine.ids import sale_of_order
-from engine.payments import GatewayUnavailable, PaymentGateway
+from engine.payments import GatewayRefused, GatewayUnavailable, PaymentGateway
 from engine.scripts import Code
 
 __all__ = ["HANDLED", "apply_event", "apply_pending", "receive", "verify"]
@@ -179,6 +179,13 @@ async def _fail(
         intent = await gateway.cancel_intent(intent_id)
     except GatewayUnavailable:
         return "pending"
+    except GatewayRefused as exc:
+        # Unknown to the gateway (keys switched, test data gone): no money can arrive through
+        # it, so the failure stands. Raising would stop every later stored event behind it.
+        log.warning(
+            "failing %s: its intent %s is unknown to the gateway: %s", order_id, intent_id, exc
+        )
+        return (await inventory.release(redis, sale_id, order_id, "failed")).state
     if intent.status == "succeeded":
         return (await inventory.confirm(redis, sale_id, order_id, intent_id)).state
     if intent.status == "processing":

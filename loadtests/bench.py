@@ -122,8 +122,8 @@ class Servers:
         return proc
 
     def work(self) -> None:
-        # Outbox drain and hold expiry only: the payment-intent job calls the gateway once per
-        # live hold, which is not the order path and would time the mock gateway instead.
+        # Outbox drain and hold expiry only: the bench's shoppers never pay, so the payment jobs
+        # would find nothing to do, and the figures are the order path's.
         self.procs["worker"] = start_process(
             ["worker", "--jobs", WORKER_JOBS], self.settings, self.logs / "worker.log"
         )

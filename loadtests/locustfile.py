@@ -18,7 +18,9 @@ Options (flag, or the environment variable beside it):
   stops at once and shoppers still pay (the server's mock gateway makes the intents).
 
 Sold out and over the per-shopper limit are answers a flash sale gives most shoppers, so they
-count as outcomes (rows ``outcome sold-out`` / ``outcome limit-exceeded``), not failures.
+count as outcomes (rows ``outcome sold-out`` / ``outcome limit-exceeded``), not failures; so
+does a pay call over the deployment's gateway rate (``outcome payment-unavailable``: 503 with
+Retry-After, answered at once).
 Anything else unexpected (a 5xx, a wrong replay, a malformed body) is a failure, and locust
 exits 1 when there was any.
 """
@@ -190,6 +192,11 @@ class Shopper(FastHttpUser):
             elif response.status_code == 409 and _problem_code(response) == "order-not-payable":
                 response.success()  # it expired or was cancelled meanwhile: an outcome
                 _outcome(self.environment, "order-not-payable")
+            elif response.status_code == 503 and _problem_code(response) == "payment-unavailable":
+                # More shoppers paying than the gateway rate lets through: answered at once
+                # with Retry-After, by design; an outcome the report counts.
+                response.success()
+                _outcome(self.environment, "payment-unavailable")
             else:
                 response.failure(f"{response.status_code} {_problem_code(response)}")
 

@@ -5,7 +5,7 @@
   'complete' refund_pending -> refunded, once the gateway confirmed the refund.
 
   KEYS[1] sale hash   KEYS[2] stock   KEYS[3] users   KEYS[4] holds   KEYS[5] outbox
-  KEYS[6] order hash  KEYS[7] refunds (zset: refund_pending order ids by time)
+  KEYS[6] order hash  KEYS[7] refunds (zset: refund_pending order ids, by when the refund is due)
 
   ARGV[1] order id
   ARGV[2] 'request' | 'complete'

@@ -10,7 +10,7 @@
   KEYS[1] sale hash         (definition; counters held, sold)
   KEYS[2] stock             (integer: units available)
   KEYS[3] users             (hash: user -> units in live holds + paid; 0 once they are gone)
-  KEYS[4] holds             (zset: order id scored by expiry ms)
+  KEYS[4] holds             (zset: live holds without a payment intent, by expiry ms)
   KEYS[5] outbox            (stream: ONE entry for all the orders this call placed, field
                              'changes', laid out as includes/emit.lua says)
   then for order i = 1..n:

@@ -9,16 +9,26 @@ import secrets
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
+import httpx
 import pytest
 from redis.asyncio import Redis
 
 from engine.db import connect_postgres, connect_redis, migrate
+from engine.http.app import create_app
 from engine.inventory import SaleDefinition, load_sale
+from engine.payments import (
+    EventPage,
+    GatewayRefused,
+    GatewayUnavailable,
+    Intent,
+    PaymentGateway,
+)
 from engine.sales import create_sale
 from engine.scripts import load_scripts
 from engine.settings import Settings
@@ -36,6 +46,52 @@ def flashsale(settings: Settings, *args: str) -> subprocess.CompletedProcess[str
     return subprocess.run(
         [sys.executable, "-m", "engine.cli", *args], env=env, capture_output=True, text=True
     )
+
+
+class CountingGateway:
+    """A ``PaymentGateway`` that counts every call by method before passing it to ``inner``.
+    ``refuse``: intent ids it answers GatewayRefused for; ``down``: answer every call with
+    ``down`` raised (a GatewayUnavailable, e.g. busy)."""
+
+    def __init__(self, inner: PaymentGateway) -> None:
+        self.inner = inner
+        self.calls: Counter[str] = Counter()
+        self.at: list[float] = []  # time.monotonic() of every call
+        self.refuse: set[str] = set()
+        self.down: GatewayUnavailable | None = None
+
+    def _count(self, method: str, intent_id: str = "") -> None:
+        self.calls[method] += 1
+        self.at.append(time.monotonic())
+        if self.down is not None:
+            raise self.down
+        if intent_id in self.refuse:
+            raise GatewayRefused(f"no such payment intent: {intent_id}")
+
+    async def create_intent(
+        self, order_id: str, sale_id: str, amount: int, currency: str
+    ) -> Intent:
+        self._count("create_intent")
+        return await self.inner.create_intent(order_id, sale_id, amount, currency)
+
+    async def retrieve_intent(self, intent_id: str) -> Intent:
+        self._count("retrieve_intent", intent_id)
+        return await self.inner.retrieve_intent(intent_id)
+
+    async def cancel_intent(self, intent_id: str) -> Intent:
+        self._count("cancel_intent", intent_id)
+        return await self.inner.cancel_intent(intent_id)
+
+    async def refund(self, intent_id: str, order_id: str) -> str:
+        self._count("refund", intent_id)
+        return await self.inner.refund(intent_id, order_id)
+
+    async def event_page(self, since: int, starting_after: str | None) -> EventPage:
+        self._count("event_page")
+        return await self.inner.event_page(since, starting_after)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +130,16 @@ async def db(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     await pool.execute("TRUNCATE sales, orders, order_events, payments, webhook_events CASCADE")
     yield pool
     await pool.close()
+
+
+@pytest.fixture
+async def client(settings: Settings, redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
+    """The app (mock gateway) on the test Redis, through its lifespan."""
+    app = create_app(settings, redis)
+    transport = httpx.ASGITransport(app=app)
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            yield c
 
 
 def sale_definition(**overrides: Any) -> SaleDefinition:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from http import HTTPStatus
 
@@ -19,15 +18,6 @@ from engine.inventory import SaleDefinition, set_status
 from engine.settings import Settings
 from tests.conftest import SaleFactory
 from tests.test_scripts import snapshot
-
-
-@pytest.fixture
-async def client(settings: Settings, redis: Redis) -> AsyncIterator[httpx.AsyncClient]:
-    app = create_app(settings, redis)
-    transport = httpx.ASGITransport(app=app)
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
-            yield c
 
 
 def auth(settings: Settings, user: str = "alice", **headers: str) -> dict[str, str]:

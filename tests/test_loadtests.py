@@ -89,8 +89,8 @@ async def test_headless_locust_run_has_no_failures(
     assert int(rows[("POST", "POST /v1/orders/[id]/pay")]["Request Count"]) > 0
     assert int(rows[("POST", "POST /v1/webhooks/stripe")]["Request Count"]) > 0
 
-    # The worker keeps attaching payment intents to live holds for a moment after the storm;
-    # the ledger is complete once it has caught up with the last of those.
+    # Pay calls and webhooks still in flight when locust stops change orders for a moment
+    # after the storm; the ledger is complete once it has caught up with the last of those.
     for _ in range(30):
         await wait_for_ledger(redis, sale.id, timeout_s=30)
         audit = await audit_sale(redis, db, sale.id)

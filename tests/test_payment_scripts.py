@@ -17,7 +17,7 @@ from engine import inventory
 from engine.errors import Conflict, NotFound
 from engine.invariants import audit_sale
 from engine.keys import OUTBOX_GROUP, sale_keys
-from engine.payments import MockGateway
+from engine.mockgateway import MockGateway
 from engine.reconcile import reconcile
 from engine.scripts import SCRIPTS, Code
 from engine.settings import Settings
@@ -135,6 +135,28 @@ async def test_attach_payment_contract(redis: Redis, redis_sale: SaleFactory):
         redis, inventory.attach_payment(redis, sale.id, hold.order_id, "pi_2", "s2", 1500, "usd")
     )
     assert first == second == ("pi_1", "s1")
+
+
+async def test_attach_moves_the_hold_to_the_intent_index_and_release_takes_it_out(
+    redis: Redis, redis_sale: SaleFactory
+):
+    sale = await redis_sale()
+    keys = sale_keys(sale.id)
+    paying = (await inventory.reserve(redis, sale.id, "alice", 1, "k")).order_id
+    cancelling = (await inventory.reserve(redis, sale.id, "bob", 1, "k")).order_id
+    plain = await inventory.reserve(redis, sale.id, "carol", 1, "k")
+    for i, order_id in enumerate((paying, cancelling)):
+        await inventory.attach_payment(redis, sale.id, order_id, f"pi_{i}", "s", 1, "usd")
+    assert await redis.zrange(keys.holds, 0, -1) == [plain.order_id]
+    with_intent = dict(await redis.zrange(keys.intent_holds, 0, -1, withscores=True))
+    assert set(with_intent) == {paying, cancelling}
+    order = await inventory.read_order(redis, sale.id, paying)
+    assert with_intent[paying] == int(order["expires_ms"])  # scored by the hold's expiry
+
+    await inventory.confirm(redis, sale.id, paying, order["pi"])
+    await inventory.release(redis, sale.id, cancelling, "cancelled")
+    assert await redis.zcard(keys.intent_holds) == 0
+    assert await redis.zrange(keys.voids, 0, -1) == [cancelling]
 
 
 async def test_payment_scripts_reload_after_script_flush(redis: Redis, redis_sale: SaleFactory):

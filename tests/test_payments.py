@@ -24,7 +24,8 @@ from engine.http.app import create_app
 from engine.http.auth import mint_token
 from engine.invariants import audit_sale, wait_for_ledger
 from engine.keys import sale_keys
-from engine.payments import Intent, MockGateway, StripeGateway, intent_event, signed_event
+from engine.mockgateway import MockGateway
+from engine.payments import Intent, StripeGateway, intent_event, signed_event
 from engine.reconcile import reconcile
 from engine.settings import Settings
 from localrun.demo import start_process, stop_process, wait_ready
@@ -32,7 +33,7 @@ from localrun.servers import free_port
 from tests.conftest import SaleFactory, flashsale
 from workers.holds import expire_sale
 from workers.outbox import drain_sale
-from workers.payments import create_intents, pay_refunds, void_intents
+from workers.payments import GatewayWork, all_due, refund_pass, void_pass
 
 SECRET = "whsec_flashsale_tests"
 VISA = "4242424242424242"
@@ -297,11 +298,11 @@ async def test_late_payment_for_an_expired_hold(
         assert await redis.get(keys.stock) == "0"
         return
     assert outcome == "refund_pending"
-    assert await pay_refunds(redis, gateway, sale.id) == 1
+    assert await all_due(refund_pass, GatewayWork(redis, gateway), sale.id) == 1
     order = await inventory.read_order(redis, sale.id, order_id)
     assert order["state"] == "refunded" and order["refund"].startswith("re_")
     assert await redis.hmget(keys.sale, "sold", "held") == ["0", "1"]  # bob's hold
-    assert await pay_refunds(redis, gateway, sale.id) == 0
+    assert await all_due(refund_pass, GatewayWork(redis, gateway), sale.id) == 0
 
 
 async def test_expiry_racing_a_payment_has_one_outcome(
@@ -339,19 +340,19 @@ async def test_worker_killed_between_the_gateway_and_redis(
     sale = await ledger_sale()
     mock = MockGateway(redis)
     hold = await inventory.reserve(redis, sale.id, "alice", 1, "k1")
-    # The worker asked the gateway, got its answer, and died before attaching it.
+    # A pay call asked the gateway, got its answer, and died before attaching it.
     first = await mock.create_intent(hold.order_id, sale.id, sale.price, sale.currency)
-    assert await create_intents(redis, mock, sale.id) == 1
+    again = await ensure_intent(redis, mock, sale.id, hold.order_id, 1)
+    assert again[0] == first.id  # same idempotency key, same intent: nothing made twice
     order = await inventory.read_order(redis, sale.id, hold.order_id)
-    assert order["pi"] == first.id  # same idempotency key, same intent: nothing made twice
-    assert await create_intents(redis, mock, sale.id) == 0
+    assert order["pi"] == first.id
 
     # Refund: gateway refunded, worker died before marking it; the retry refunds nothing new.
     await mock.settle(first.id, succeeded=True)
     await inventory.confirm(redis, sale.id, hold.order_id, first.id)
     await inventory.refund(redis, sale.id, hold.order_id, "request", restock=True)
     refund_id = await mock.refund(first.id, hold.order_id)
-    assert await pay_refunds(redis, mock, sale.id) == 1
+    assert await all_due(refund_pass, GatewayWork(redis, mock), sale.id) == 1
     order = await inventory.read_order(redis, sale.id, hold.order_id)
     assert (order["state"], order["refund"]) == ("refunded", refund_id)
     assert await redis.get(sale_keys(sale.id).stock) == str(sale.stock)
@@ -478,7 +479,8 @@ async def test_flood_of_mixed_outcomes_reconciles_clean(
                     assert again.json()["outcome"] == "duplicate"
         # Abandoned holds expire after 8 s; the worker cancels their intents first.
         deadline = time.monotonic() + 60
-        while await redis.zcard(sale_keys(sale.id).holds):
+        keys = sale_keys(sale.id)
+        while await redis.zcard(keys.holds) + await redis.zcard(keys.intent_holds):
             assert time.monotonic() < deadline, "holds never expired"
             await asyncio.sleep(0.2)
         await wait_for_ledger(redis, sale.id)
@@ -618,27 +620,29 @@ async def test_cancelled_orders_intents_are_cancelled_at_stripe(
     order_id, intent_id = await held_order(redis, gateway, sale.id)
     await inventory.release(redis, sale.id, order_id, "cancelled", "alice")
     assert await redis.zrange(sale_keys(sale.id).voids, 0, -1) == [order_id]
-    assert await void_intents(redis, gateway, sale.id) == 1
+    assert await all_due(void_pass, GatewayWork(redis, gateway), sale.id) == 1
     assert (await gateway.retrieve_intent(intent_id)).status == "canceled"
-    assert await void_intents(redis, gateway, sale.id) == 0
+    assert await all_due(void_pass, GatewayWork(redis, gateway), sale.id) == 0
 
 
+@pytest.mark.parametrize("full", [True, False], ids=["full", "since-cursor"])
 async def test_reconcile_finds_and_repairs_a_missed_webhook(
     redis: Redis,
     db: asyncpg.Pool,
     ledger_sale: SaleFactory,
     gateway: StripeGateway,
     sdk: stripe.StripeClient,
+    full: bool,
 ):
     sale = await ledger_sale(stock=3)
     order_id, intent_id = await held_order(redis, gateway, sale.id)
     await card_pays(sdk, intent_id)  # Stripe has the event; it never reached us
     await drain_sale(redis, db, sale.id, "c", batch=100, claim_idle_ms=60_000)
-    report = await reconcile(redis, db, gateway, sale.id)
+    report = await reconcile(redis, db, gateway, sale.id, full=full)
     kinds = sorted(d.kind for d in report.differences)
     assert kinds == ["missed-webhook", "paid-at-gateway-not-here"]
-    repaired = await reconcile(redis, db, gateway, sale.id, repair=True)
+    repaired = await reconcile(redis, db, gateway, sale.id, repair=True, full=full)
     assert any("received" in line for line in repaired.repaired)
     assert (await inventory.read_order(redis, sale.id, order_id))["state"] == "paid"
     await drain_sale(redis, db, sale.id, "c", batch=100, claim_idle_ms=60_000)
-    assert (await reconcile(redis, db, gateway, sale.id)).differences == []
+    assert (await reconcile(redis, db, gateway, sale.id, full=full)).differences == []

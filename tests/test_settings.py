@@ -62,3 +62,14 @@ def test_public_key_pins_rs256():
 def test_bad_values_are_named(env: dict[str, str], message: str):
     with pytest.raises(ConfigError, match=message):
         Settings.from_env(env)
+
+
+def test_gateway_rate_defaults_under_stripes_limit_and_is_validated():
+    base = {"FLASHSALE_ENV": "development"}
+    assert Settings.from_env(base).gateway_rate_per_s == 80
+    settings = Settings.from_env(base | {"FLASHSALE_GATEWAY_RATE_PER_S": "25"})
+    assert settings.gateway_rate_per_s == 25
+    assert Settings.from_env(settings.as_env()).gateway_rate_per_s == 25
+    for bad in ("0", "-5", "fast", "2.5"):
+        with pytest.raises(ConfigError, match="FLASHSALE_GATEWAY_RATE_PER_S"):
+            Settings.from_env(base | {"FLASHSALE_GATEWAY_RATE_PER_S": bad})

@@ -20,10 +20,11 @@ from engine.errors import Conflict
 from engine.invariants import audit_sale, outbox_backlog, wait_for_ledger
 from engine.keys import LIVE_SALES, OUTBOX_GROUP, sale_keys
 from engine.ledger import OrderChange, entry_changes, write_changes
+from engine.mockgateway import MockGateway
 from engine.scripts import SCRIPTS
 from engine.settings import Settings
 from localrun.demo import start_process
-from tests.conftest import SaleFactory
+from tests.conftest import CountingGateway, SaleFactory
 from workers.context import each_sale
 from workers.holds import expire_sale
 from workers.outbox import drain_sale
@@ -287,6 +288,24 @@ async def test_one_failing_sale_does_not_stop_the_others(
     assert "test job failed for sale b-sale" in caplog.text
 
 
+async def test_every_job_on_2000_unpaid_holds_calls_the_gateway_for_none(
+    redis: Redis, db: asyncpg.Pool, ledger_sale: SaleFactory, settings: Settings
+):
+    """No job looks at holds nobody asked to pay for: with 2,000 live holds and no /pay, a run
+    of every job in the cron table asks the gateway nothing about any order."""
+    sale = await ledger_sale(stock=5000, per_user_limit=1, per_order_max=1)
+    placed = await inventory.reserve_many(
+        redis, sale.id, [(f"u{i}", 1, f"k{i}") for i in range(2000)]
+    )
+    assert await redis.zcard(sale_keys(sale.id).holds) == len(placed) == 2000
+    gateway = CountingGateway(MockGateway(redis))
+    ctx = {"store": redis, "db": db, "gateway": gateway, "settings": settings, "consumer": "t"}
+    for job in WorkerSettings.cron_jobs:
+        await job.coroutine(ctx)
+    # Reconcile asks what changed at the gateway since its cursor: one page, whatever the holds.
+    assert gateway.calls == {"event_page": 1}
+
+
 def test_the_cron_table_runs_each_job_from_its_family_module():
     # `flashsale worker --jobs` and the bench pick jobs by these names.
     jobs = {job.name.removeprefix("cron:"): job.coroutine for job in WorkerSettings.cron_jobs}
@@ -294,7 +313,6 @@ def test_the_cron_table_runs_each_job_from_its_family_module():
     assert {name: coroutine.__module__ for name, coroutine in jobs.items()} == {
         "drain_outboxes": "workers.outbox",
         "expire_holds": "workers.holds",
-        "payment_intents": "workers.payments",
         "refunds": "workers.payments",
         "webhook_retries": "workers.webhooks",
         "reconcile_sales": "workers.reconcile",

@@ -1,8 +1,14 @@
-"""What every worker job shares: the clients arq keeps in ``ctx`` and the walk over live sales.
+"""What every worker job shares: the clients arq keeps in ``ctx``, the walk over live sales, and
+the walk over a work index in bounded passes.
 
 ``startup`` and ``shutdown`` are the arq hooks ``WorkerSettings`` names; every job reads its
 clients from ``ctx`` (``store`` the Redis of the sales, ``db`` the ledger's pool, ``gateway`` the
 payment gateway, ``consumer`` this process's name in the outbox consumer groups).
+
+A work index is a sorted set per sale that holds only the orders needing one kind of work,
+scored by when the work is due (ms, Redis's clock); the script that makes the work adds the
+order in the same call. A pass reads at most a batch of due orders, so a job's memory and each
+Redis call stay small however many orders a sale has.
 """
 
 from __future__ import annotations
@@ -10,20 +16,55 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
+from redis.asyncio import Redis
+
 from engine.db import connect_postgres, connect_redis
+from engine.gatewaylimit import BACKGROUND_MAX_WAIT_S
+from engine.keys import sale_keys
 from engine.payments import make_gateway
 from engine.sales import live_sale_ids
 from engine.scripts import load_scripts
 from engine.settings import Settings
 
-__all__ = ["each_sale", "log", "shutdown", "startup"]
+__all__ = [
+    "BATCH",
+    "JOB_WINDOW_S",
+    "Pass",
+    "defer",
+    "due",
+    "each_sale",
+    "in_passes",
+    "log",
+    "order_fields",
+    "redis_ms",
+    "shutdown",
+    "startup",
+]
 
 log = logging.getLogger("flashsale.worker")
 
 STORE_DEADLINE_S = 10.0
+
+# Orders read from a work index at once. At the default gateway rate (80 calls/s) a batch is
+# 2.5 s of gateway calls, so a pass never holds more than a few seconds of work in memory.
+BATCH = 200
+# How long a per-second job keeps starting work before the next tick's job takes over: the
+# next tick's job would otherwise start while this one still runs and repeat its calls.
+JOB_WINDOW_S = 0.9
+
+
+@dataclass(frozen=True, slots=True)
+class Pass:
+    """What one pass over a work index did: ``done`` orders finished (left the index), and
+    whether another pass now may find more (a full batch was read and nothing backed off)."""
+
+    done: int
+    more: bool
 
 
 async def startup(ctx: dict[str, Any]) -> None:
@@ -37,7 +78,8 @@ async def startup(ctx: dict[str, Any]) -> None:
     # expiries, never holds the connections the ledger needs.
     ctx["drain_store"] = connect_redis(settings, pool_size=4, deadline_s=STORE_DEADLINE_S)
     ctx["consumer"] = f"{socket.gethostname()}-{os.getpid()}"
-    ctx["gateway"] = make_gateway(settings, ctx["store"])
+    # Jobs take only the gateway slots close at hand: the further ones are the shoppers'.
+    ctx["gateway"] = make_gateway(settings, ctx["store"], max_wait_s=BACKGROUND_MAX_WAIT_S)
     ctx["db"] = await connect_postgres(settings, min_size=1, max_size=4)
     ctx["drain_db"] = await connect_postgres(settings, min_size=1, max_size=2)
     await load_scripts(ctx["store"])
@@ -51,6 +93,48 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     for name in ("db", "drain_db"):
         if name in ctx:
             await ctx[name].close()
+
+
+async def redis_ms(redis: Redis) -> int:
+    """Redis's clock in ms: the scripts score the work indexes by it."""
+    seconds, micros = await redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+async def due(redis: Redis, index: str, batch: int) -> list[str]:
+    """At most ``batch`` order ids of ``index`` whose work is due now, earliest first."""
+    now_ms = await redis_ms(redis)
+    found: list[str] = await redis.zrangebyscore(index, "-inf", now_ms, start=0, num=batch)
+    return found
+
+
+async def defer(redis: Redis, index: str, order_id: str, delay_ms: int) -> None:
+    """Look at ``order_id`` in ``index`` again in ``delay_ms``, so it does not block the due
+    ones behind it. XX: an order a script took out of the index meanwhile stays out."""
+    await redis.zadd(index, {order_id: await redis_ms(redis) + delay_ms}, xx=True)
+
+
+async def order_fields(
+    redis: Redis, sale_id: str, order_ids: list[str], *fields: str
+) -> list[list[str | None]]:
+    """``fields`` of each order hash, in one round trip."""
+    keys = sale_keys(sale_id)
+    async with redis.pipeline(transaction=False) as pipe:
+        for order_id in order_ids:
+            pipe.hmget(keys.order(order_id), *fields)
+        rows: list[list[str | None]] = await pipe.execute()
+    return rows
+
+
+async def in_passes(one_pass: Callable[[], Awaitable[Pass]], deadline: float | None) -> int:
+    """Run ``one_pass`` again while it says there may be more and ``deadline`` (monotonic
+    seconds; None: none) has not passed. Returns the orders done in all passes."""
+    done = 0
+    while True:
+        result = await one_pass()
+        done += result.done
+        if not result.more or (deadline is not None and time.monotonic() >= deadline):
+            return done
 
 
 async def each_sale(ctx: dict[str, Any], job: str, work: Callable[[str], Awaitable[int]]) -> int:

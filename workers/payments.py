@@ -1,127 +1,185 @@
-"""Payment jobs: create PaymentIntents for new holds, refund what is owed, cancel the intents
-of cancelled orders, and settle a hold's intent before the hold expires.
+"""Payment jobs: refund what is owed, cancel the intents of cancelled orders, and settle a
+hold's intent before the hold expires.
 
-The arq jobs are ``payment_intents`` (``create_intents``) and ``refunds`` (``pay_refunds`` and
-``void_intents``); ``expire_or_settle`` runs inside the expiry job (``workers.holds``).
+A PaymentIntent is made when the shopper asks to pay (``engine.checkout``), never by a job.
+The arq job is ``refunds`` (``refund_pass`` and ``void_pass``); ``expire_or_settle`` runs
+inside the expiry job (``workers.holds``, ``settle_pass``). Each pass walks its own work index
+(``keys.refunds``, ``keys.voids``, ``keys.intent_holds``) a bounded batch at a time
+(``workers.context``).
+
+The gateway answering "unavailable" or "busy" for one order stops the job's gateway work: the
+gateway is down or over its rate, and every order keeps its place for the next tick. The
+gateway refusing one order (an intent it does not know) is logged and that order steps aside,
+so the orders behind it are never held up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from redis.asyncio import Redis
 
 from engine import inventory
-from engine.checkout import ensure_intent
-from engine.errors import Conflict, Unavailable
 from engine.keys import sale_keys
 from engine.payments import GatewayRefused, GatewayUnavailable, PaymentGateway
 from engine.scripts import Code
-from workers.context import each_sale
+from workers.context import (
+    BATCH,
+    JOB_WINDOW_S,
+    Pass,
+    defer,
+    due,
+    each_sale,
+    in_passes,
+    order_fields,
+)
 
 __all__ = [
     "GATEWAY_CONCURRENCY",
-    "create_intents",
+    "REFUSED_RETRY_MS",
+    "GatewayWork",
+    "PassFn",
+    "all_due",
     "expire_or_settle",
-    "pay_refunds",
-    "payment_intents",
+    "refund_pass",
     "refunds",
-    "void_intents",
+    "void_pass",
 ]
 
 log = logging.getLogger("flashsale.payments")
 
-# Stripe allows 100 write requests/s in live mode; a few in flight per worker stays well inside.
+# Calls in flight at once: enough to keep up with the shared gateway rate (engine.gatewaylimit)
+# while each waits for the gateway's answer, few enough that work stops quickly on "busy".
 GATEWAY_CONCURRENCY = 8
+# A refund the gateway refused is tried again this much later (ms); reconcile reports it
+# meanwhile as refund-owed.
+REFUSED_RETRY_MS = 3_600_000
+
+OrderWork = Callable[[str, list[str | None]], Awaitable[bool]]
 
 
-async def create_intents(redis: Redis, gateway: PaymentGateway, sale_id: str) -> int:
-    """A PaymentIntent for every live hold that has none yet. Returns how many were made."""
-    keys = sale_keys(sale_id)
-    order_ids: list[str] = await redis.zrange(keys.holds, 0, -1)
-    if not order_ids:
-        return 0
-    async with redis.pipeline(transaction=False) as pipe:
-        for order_id in order_ids:
-            pipe.hmget(keys.order(order_id), "pi", "qty", "state")
-        rows = await pipe.execute()
-    todo = [
-        (oid, int(qty))
-        for oid, (pi, qty, state) in zip(order_ids, rows, strict=True)
-        if state == "reserved" and not pi
-    ]
-    gate = asyncio.Semaphore(GATEWAY_CONCURRENCY)
+class GatewayWork:
+    """One job run's gateway work over work indexes, a few orders at a time: the clients, the
+    batch a pass reads, and the deadline. The first ``GatewayUnavailable`` (down, or busy:
+    over the rate) or the deadline stops all of it; what was not started stays due."""
 
-    async def one(order_id: str, quantity: int) -> bool:
-        async with gate:
-            try:
-                await ensure_intent(redis, gateway, sale_id, order_id, quantity)
-            except Unavailable as exc:
-                log.warning("no intent for %s yet: %s", order_id, exc.detail)
+    def __init__(
+        self,
+        redis: Redis,
+        gateway: PaymentGateway,
+        batch: int = BATCH,
+        deadline: float | None = None,
+    ) -> None:
+        self.redis = redis
+        self.gateway = gateway
+        self.batch = batch
+        self.deadline = deadline
+        self.stopped = False
+        self._gate = asyncio.Semaphore(GATEWAY_CONCURRENCY)
+
+    async def _run(self, work: Callable[[], Awaitable[bool]]) -> bool:
+        async with self._gate:
+            if self.deadline is not None and time.monotonic() >= self.deadline:
+                self.stopped = True
+            if self.stopped:
                 return False
-            except Conflict:
-                return False  # the hold ended between the scan and the attach
-            return True
+            try:
+                return await work()
+            except GatewayUnavailable as exc:
+                if not self.stopped:
+                    log.warning("gateway unavailable, backing off until the next tick: %s", exc)
+                self.stopped = True
+                return False
 
-    return sum(await asyncio.gather(*(one(oid, qty) for oid, qty in todo)))
+    async def walk(
+        self, sale_id: str, index: str, fields: tuple[str, ...], work: OrderWork
+    ) -> Pass:
+        """One pass over a work index: ``work(order_id, its fields)`` for each of at most
+        ``batch`` due orders (True: done)."""
+        if self.stopped:
+            return Pass(0, False)
+        found = await due(self.redis, index, self.batch)
+        rows = await order_fields(self.redis, sale_id, found, *fields)
+        done = await asyncio.gather(
+            *(self._run(partial(work, oid, row)) for oid, row in zip(found, rows, strict=True))
+        )
+        return Pass(done=sum(done), more=len(found) == self.batch and not self.stopped)
 
 
-async def pay_refunds(redis: Redis, gateway: PaymentGateway, sale_id: str) -> int:
-    """Refund at the gateway every order in refund_pending, then mark it refunded."""
-    keys = sale_keys(sale_id)
-    owed: list[str] = await redis.zrange(keys.refunds, 0, 499)
-    done = 0
-    for order_id in owed:
-        order = await inventory.read_order(redis, sale_id, order_id)
-        if order is None or not order.get("pi"):
-            continue
+PassFn = Callable[[GatewayWork, str], Awaitable[Pass]]
+
+
+async def all_due(one_pass: PassFn, work: GatewayWork, sale_id: str) -> int:
+    """``one_pass`` (``refund_pass``, ``void_pass``, ``settle_pass``) over the sale again and
+    again until nothing is due or the work stops; returns the orders done."""
+    return await in_passes(lambda: one_pass(work, sale_id), work.deadline)
+
+
+async def refund_pass(work: GatewayWork, sale_id: str) -> Pass:
+    """Refund at the gateway a batch of due refund_pending orders, then mark them refunded."""
+    redis, keys = work.redis, sale_keys(sale_id)
+
+    async def one(order_id: str, row: list[str | None]) -> bool:
+        intent_id, state = row
+        if state != "refund_pending":
+            await redis.zrem(keys.refunds, order_id)  # nothing owed on it any more
+            return False
+        if not intent_id:
+            log.error("refund of %s owed but it has no intent; reconcile reports it", order_id)
+            await defer(redis, keys.refunds, order_id, REFUSED_RETRY_MS)
+            return False
         try:
-            refund_id = await gateway.refund(order["pi"], order_id)
-        except (GatewayUnavailable, GatewayRefused) as exc:
-            # One order the gateway refuses must not hold up the others behind it.
-            log.warning("refund of %s not made yet: %s", order_id, exc)
-            continue
+            refund_id = await work.gateway.refund(intent_id, order_id)
+        except GatewayRefused as exc:
+            log.warning("refund of %s refused, tried again in an hour: %s", order_id, exc)
+            await defer(redis, keys.refunds, order_id, REFUSED_RETRY_MS)
+            return False
         # Killed here? The refund's idempotency key (the order id) makes the retry return the
         # same refund instead of paying twice.
         result = await inventory.refund(redis, sale_id, order_id, "complete", refund_id=refund_id)
-        done += result.code is Code.OK
-    return done
+        return result.code is Code.OK
+
+    return await work.walk(sale_id, keys.refunds, ("pi", "state"), one)
 
 
-async def void_intents(redis: Redis, gateway: PaymentGateway, sale_id: str) -> int:
-    """Cancel at the gateway the intents of orders the shopper cancelled, so nobody pays for a
-    hold that is gone (a payment that still slips through takes confirm's late path)."""
-    keys = sale_keys(sale_id)
-    voided = 0
-    for order_id in await redis.zrange(keys.voids, 0, 99):
-        intent_id = await redis.hget(keys.order(order_id), "pi")
+async def void_pass(work: GatewayWork, sale_id: str) -> Pass:
+    """Cancel at the gateway the intents of a batch of orders the shopper cancelled, so nobody
+    pays for a hold that is gone (a payment that still slips through takes confirm's late
+    path)."""
+    redis, keys = work.redis, sale_keys(sale_id)
+
+    async def one(order_id: str, row: list[str | None]) -> bool:
+        [intent_id] = row
         if intent_id:
             try:
-                intent = await gateway.cancel_intent(intent_id)
-            except GatewayUnavailable:
-                continue  # next tick
-            except GatewayRefused:
-                pass  # unknown to the gateway: nothing can be paid through it
+                intent = await work.gateway.cancel_intent(intent_id)
+            except GatewayRefused as exc:
+                # Unknown to the gateway: nothing can be paid through it.
+                log.warning("void of %s: intent %s unknown: %s", order_id, intent_id, exc)
             else:
                 if intent.status == "succeeded":
                     # Paid just before the cancel: confirm re-reserves or owes a refund.
                     await inventory.confirm(redis, sale_id, order_id, intent_id)
         await redis.zrem(keys.voids, order_id)
-        voided += 1
-    return voided
+        return True
+
+    return await work.walk(sale_id, keys.voids, ("pi",), one)
 
 
 async def expire_or_settle(
     redis: Redis, gateway: PaymentGateway, sale_id: str, order_id: str, intent_id: str
 ) -> str:
     """Before a hold with an intent expires, cancel the intent; if the money already moved,
-    the order becomes paid instead. Returns the order's resulting state."""
+    the order becomes paid instead. Returns the order's resulting state ('reserved': the bank
+    has not decided yet). ``GatewayUnavailable`` passes through: the hold stays until the
+    gateway answers."""
     try:
         intent = await gateway.cancel_intent(intent_id)
-    except GatewayUnavailable:
-        return "reserved"  # try again next tick; the hold stays until Stripe answers
     except GatewayRefused as exc:
         # The gateway does not know the intent (keys switched, test data gone): no money can
         # arrive through it, so the hold expires like one without an intent.
@@ -138,21 +196,12 @@ async def expire_or_settle(
     return released.state
 
 
-async def payment_intents(ctx: dict[str, Any]) -> int:
-    """The arq job: create a PaymentIntent for every live hold without one."""
-    return await each_sale(
-        ctx,
-        "payment intents",
-        lambda sale_id: create_intents(ctx["store"], ctx["gateway"], sale_id),
-    )
-
-
 async def refunds(ctx: dict[str, Any]) -> int:
     """The arq job: refund at the gateway what is owed (late payments without stock, admin
     refunds), and cancel the intents of cancelled orders."""
+    work = GatewayWork(ctx["store"], ctx["gateway"], deadline=time.monotonic() + JOB_WINDOW_S)
 
     async def one(sale_id: str) -> int:
-        paid = await pay_refunds(ctx["store"], ctx["gateway"], sale_id)
-        return paid + await void_intents(ctx["store"], ctx["gateway"], sale_id)
+        return await all_due(refund_pass, work, sale_id) + await all_due(void_pass, work, sale_id)
 
     return await each_sale(ctx, "refunds", one)

@@ -1,7 +1,9 @@
-"""The reconcile job: compare each live sale across Redis, Postgres and the payment gateway.
+"""The reconcile job: compare what changed at the payment gateway since each live sale's cursor
+with Redis and Postgres.
 
 The comparison itself is ``engine.reconcile``, which ``flashsale reconcile`` runs too; this job
 only logs the differences it finds, and a person decides on ``flashsale reconcile --repair``.
+The whole sweep (every order, every intent) is for audits: ``flashsale reconcile --full``.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ __all__ = ["reconcile_sales"]
 
 
 async def reconcile_sales(ctx: dict[str, Any]) -> int:
-    """The arq job: compare Redis, Postgres and the gateway; log every difference (repairs are
-    manual). Returns how many differences it found."""
+    """The arq job: compare what changed at the gateway since each sale's cursor with Redis and
+    Postgres; log every difference (repairs are manual). Returns how many it found."""
 
     async def one(sale_id: str) -> int:
-        report = await reconcile(ctx["store"], ctx["db"], ctx["gateway"], sale_id)
+        report = await reconcile(ctx["store"], ctx["db"], ctx["gateway"], sale_id, full=False)
         for difference in report.differences:
             log.warning("reconcile %s: %s", sale_id, difference)
         return len(report.differences)

@@ -1,18 +1,19 @@
 """arq ``WorkerSettings``: run with ``flashsale worker``, which points arq at FLASHSALE_REDIS_URL.
 
-The cron table of the six jobs, each defined beside the logic it runs:
+The cron table of the five jobs, each defined beside the logic it runs:
 
 | job             | module                | runs                          |
 | --------------- | --------------------- | ----------------------------- |
 | drain_outboxes  | ``workers.outbox``    | every second, at .0 s         |
-| payment_intents | ``workers.payments``  | every second, at .25 s        |
 | expire_holds    | ``workers.holds``     | every second, at .5 s         |
 | refunds         | ``workers.payments``  | every second, at .75 s        |
 | webhook_retries | ``workers.webhooks``  | every ten seconds             |
 | reconcile_sales | ``workers.reconcile`` | every minute, at second 15    |
 
 Every cron job is unique per tick (arq's default), so with several worker processes each tick
-runs once. The per-second jobs start a quarter second apart and also run once at start-up.
+runs once. The per-second jobs start at different fractions of the second and also run once at
+start-up. No job makes PaymentIntents: the shopper's ``POST /v1/orders/{id}/pay`` does, so
+payment work grows with the shoppers who pay, not with the holds that exist.
 ``flashsale worker --jobs`` runs a subset of them. Every job is ``recorded``: logged, its
 failures logged as an outage (once at the start, once at the end), its completions
 heartbeated for ``flashsale worker --check``.
@@ -28,7 +29,7 @@ from workers.context import shutdown, startup
 from workers.heartbeats import recorded
 from workers.holds import expire_holds
 from workers.outbox import drain_outboxes
-from workers.payments import payment_intents, refunds
+from workers.payments import refunds
 from workers.reconcile import reconcile_sales
 from workers.webhooks import webhook_retries
 
@@ -38,7 +39,6 @@ __all__ = ["PERIODS_S", "WorkerSettings"]
 PERIODS_S: dict[str, float] = {
     "drain_outboxes": 1,
     "expire_holds": 1,
-    "payment_intents": 1,
     "refunds": 1,
     "webhook_retries": 10,
     "reconcile_sales": 60,
@@ -53,13 +53,6 @@ class WorkerSettings:
             recorded(expire_holds),
             second=None,
             microsecond=500_000,
-            run_at_startup=True,
-            timeout=30,
-        ),
-        cron(
-            recorded(payment_intents),
-            second=None,
-            microsecond=250_000,
             run_at_startup=True,
             timeout=30,
         ),

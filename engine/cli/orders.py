@@ -70,7 +70,9 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         sale_ids = [args.sale] if args.sale else await live_sale_ids(redis)
         differences = 0
         for sale_id in sale_ids:
-            report = await reconcile(redis, db, gateway, sale_id, repair=args.repair)
+            report = await reconcile(
+                redis, db, gateway, sale_id, repair=args.repair, full=args.full
+            )
             differences += len(report.differences)
             print(f"sale {sale_id}: {len(report.differences) or 'no'} differences")
             if report.differences:

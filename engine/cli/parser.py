@@ -118,7 +118,7 @@ def _add_processes(commands: _Commands) -> None:
         cmd_worker,
         "run an arq worker: drain outboxes, expire holds, payments",
         "Run an arq worker: drain outboxes into Postgres, expire holds (cancelling their "
-        "PaymentIntents first), create PaymentIntents, pay refunds, void cancelled orders' "
+        "PaymentIntents first), pay refunds, void cancelled orders' "
         "intents, retry stored webhooks, and reconcile every minute.",
     )
     worker.add_argument("--burst", action="store_true", help="run the due jobs once and exit")
@@ -225,6 +225,12 @@ def _add_orders(commands: _Commands) -> None:
     reconcile.add_argument("--sale", help="only this sale (default: every live sale)")
     reconcile.add_argument(
         "--repair", action="store_true", help="fix what can be fixed safely, and say what was done"
+    )
+    reconcile.add_argument(
+        "--full",
+        action="store_true",
+        help="compare every order and intent (an audit), not only what changed at the gateway "
+        "since the sale's cursor",
     )
 
 

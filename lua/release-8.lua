@@ -4,7 +4,9 @@
 
   KEYS[1] sale hash   KEYS[2] stock   KEYS[3] users   KEYS[4] holds   KEYS[5] outbox
   KEYS[6] order hash  KEYS[7] voids (zset: cancelled orders whose PaymentIntent a worker must
-                               cancel at the gateway, so the shopper cannot still pay it)
+                               cancel at the gateway, so the shopper cannot still pay it; by
+                               when the cancel is due)
+  KEYS[8] intent holds (zset: live holds with a payment intent, by expiry)
 
   ARGV[1] order id
   ARGV[2] new state: 'cancelled' | 'expired' | 'failed'
@@ -46,7 +48,11 @@ rcall('INCRBY', KEYS[2], qty)
 rcall('HINCRBY', KEYS[3], user, -qty)
 rcall('HINCRBY', KEYS[1], 'held', -qty)
 rcall('HSET', KEYS[6], 'state', target, 'version', version, 'updated_ms', now)
+-- A live hold is in exactly one of the two indexes; removing from both needs no lookup.
 rcall('ZREM', KEYS[4], ARGV[1])
+rcall('ZREM', KEYS[8], ARGV[1])
+-- An expired hold's intent was cancelled before the expiry; a failed one's by the webhook
+-- receiver before the failure. Only a shopper's cancel leaves an intent to void.
 if target == 'cancelled' and order[6] and order[6] ~= '' then
   rcall('ZADD', KEYS[7], now, ARGV[1])
 end

@@ -5,7 +5,8 @@
   units the shopper does not get.
 
   KEYS[1] sale hash   KEYS[2] stock   KEYS[3] users   KEYS[4] holds   KEYS[5] outbox
-  KEYS[6] order hash  KEYS[7] refunds (zset: refund_pending order ids by time)
+  KEYS[6] order hash  KEYS[7] refunds (zset: refund_pending order ids, by when the refund is due)
+  KEYS[8] intent holds (zset: live holds with a payment intent, by expiry)
 
   ARGV[1] order id
   ARGV[2] payment intent id that succeeded
@@ -47,7 +48,9 @@ local code, target
 if state == 'reserved' then
   rcall('HINCRBY', KEYS[1], 'held', -qty)
   rcall('HINCRBY', KEYS[1], 'sold', qty)
+  -- A live hold is in exactly one of the two indexes; removing from both needs no lookup.
   rcall('ZREM', KEYS[4], ARGV[1])
+  rcall('ZREM', KEYS[8], ARGV[1])
   code, target = 1, 'paid'
 else
   -- The hold ended (expired, cancelled, failed) and its units went back to stock.
