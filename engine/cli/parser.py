@@ -82,7 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _log_format(command: argparse.ArgumentParser) -> None:
+def _logging(command: argparse.ArgumentParser, level: str) -> None:
+    command.add_argument(
+        "--log-level",
+        default=level,
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="the least severe records logged (default %(default)s)",
+    )
     command.add_argument(
         "--log-format",
         choices=["auto", "json", "text"],
@@ -100,10 +106,7 @@ def _add_processes(commands: _Commands) -> None:
     serve.add_argument(
         "--workers", type=_positive, help="server processes (default FLASHSALE_SERVER_WORKERS or 1)"
     )
-    serve.add_argument(
-        "--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"]
-    )
-    _log_format(serve)
+    _logging(serve, "warning")
     serve.add_argument(
         "--app",
         default="engine",
@@ -128,10 +131,7 @@ def _add_processes(commands: _Commands) -> None:
         help="do not run: exit 0 if every job (of --jobs) completed recently, 1 if one is "
         "overdue, 2 if Redis does not answer (a liveness probe for a supervisor)",
     )
-    worker.add_argument(
-        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
-    )
-    _log_format(worker)
+    _logging(worker, "info")
     worker.add_argument(
         "--jobs",
         help="comma-separated cron jobs to run (default all), e.g. drain_outboxes,expire_holds",
