@@ -1,8 +1,8 @@
 """``flashsale bench``: how fast the engine places orders, next to what else could be built.
 
 One command starts its own Redis and Postgres (in ``--dir``, which the bench owns and empties),
-seeds sales, and drives the servers round robin with wrk (a second of each per round), same connections, duration, request shape
-and uvicorn set-up:
+seeds sales, and drives the servers round robin with wrk (a second of each per round), same
+connections, duration, request shape and uvicorn set-up:
 
 1. **ceiling**: a bare Starlette endpoint, token and body only (``loadtests.benchapps``);
 2. **engine** placing orders while stock lasts (stock sized so the phase cannot sell out),
