@@ -30,7 +30,7 @@ async def ensure_intent(
         raise Unavailable(
             "payment-unavailable",
             f"the payment gateway did not answer: {exc}",
-            headers={"Retry-After": "2"},
+            retry_after_s=2,
         ) from None
     return await inventory.attach_payment(
         redis, sale_id, order_id, intent.id, intent.client_secret, amount, currency

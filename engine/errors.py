@@ -1,25 +1,30 @@
 """Every error a client can see, each with a stable kebab-case code and an HTTP status.
 
 They render as RFC 9457 ``application/problem+json``; ``type`` is a stable URI built from the
-code, so documentation can link to it::
+code, so documentation can link to it, and ``title`` is the reason phrase of the status::
 
-    ProblemError
+    ProblemError (500)              internal-error
     ├── BadRequest (400)            missing-idempotency-key, invalid-idempotency-key,
     │                               invalid-signature, invalid-payload
     ├── Unauthorized (401)          invalid-token
     ├── NotFound (404)              sale-not-found, order-not-found, not-found
+    ├── MethodNotAllowed (405)      method-not-allowed
     ├── SaleClosed                  sale-not-started (425), sale-paused (403), sale-ended (410)
     ├── Conflict (409)              sold-out, limit-exceeded, order-not-cancellable,
-    │                               order-not-payable, order-not-refundable
+    │                               order-not-payable, order-not-refundable,
+    │                               invalid-status*, sale-exists*
     ├── PayloadTooLarge (413)       body-too-large
     ├── UnsupportedMediaType (415)  unsupported-media-type
     ├── Unprocessable (422)         invalid-body, invalid-quantity, quantity-exceeds-maximum,
-    │                               idempotency-key-reused
-    └── Unavailable (503)           not-ready, payment-unavailable
+    │                               idempotency-key-reused, invalid-sale*
+    └── Unavailable (503)           not-ready, server-busy, payment-unavailable
+
+    * only the operator's CLI meets these: no HTTP route creates a sale or moves its status.
 """
 
 from __future__ import annotations
 
+from http import HTTPStatus
 from typing import Any, ClassVar
 
 import orjson
@@ -28,12 +33,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 __all__ = [
+    "CLI_ONLY_CODES",
     "PROBLEM_BASE",
     "PROBLEM_MEDIA_TYPE",
     "PROBLEM_SCOPE_KEY",
     "PROBLEM_TYPES",
     "BadRequest",
     "Conflict",
+    "MethodNotAllowed",
     "NotFound",
     "PayloadTooLarge",
     "ProblemError",
@@ -51,10 +58,13 @@ PROBLEM_MEDIA_TYPE = "application/problem+json"
 # Where an answered problem leaves its code in the ASGI scope, for the front door's request hook.
 PROBLEM_SCOPE_KEY = "flashsale.problem"
 
+# A title per status, not per class: one class answers several statuses (SaleClosed), and a
+# problem raised with an explicit status must not keep its class's title.
+_TITLES = {status.value: status.phrase for status in HTTPStatus}
+
 
 class ProblemError(Exception):
     status: ClassVar[int] = 500
-    title: ClassVar[str] = "Internal error"
 
     def __init__(
         self,
@@ -72,6 +82,10 @@ class ProblemError(Exception):
         self.headers = headers or {}
         self.extra = extra
 
+    @property
+    def title(self) -> str:
+        return _TITLES.get(self.status_code, "Error")
+
     def body(self, instance: str | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {
             "type": PROBLEM_BASE + self.code,
@@ -88,12 +102,10 @@ class ProblemError(Exception):
 
 class BadRequest(ProblemError):
     status = 400
-    title = "Bad request"
 
 
 class Unauthorized(ProblemError):
     status = 401
-    title = "Unauthorized"
 
     def __init__(self, detail: str) -> None:
         super().__init__(
@@ -103,47 +115,55 @@ class Unauthorized(ProblemError):
 
 class NotFound(ProblemError):
     status = 404
-    title = "Not found"
+
+
+class MethodNotAllowed(ProblemError):
+    status = 405
+
+    def __init__(self, allow: str) -> None:
+        """``allow``: the path's methods, as the ``Allow`` header lists them."""
+        super().__init__(
+            "method-not-allowed", f"this resource answers {allow} only", headers={"Allow": allow}
+        )
 
 
 class SaleClosed(ProblemError):
-    title = "Sale not open"
+    """The status says why: not started (425), paused (403), ended (410)."""
 
 
 class Conflict(ProblemError):
     status = 409
-    title = "Conflict"
 
 
 class PayloadTooLarge(ProblemError):
     status = 413
-    title = "Payload too large"
 
 
 class UnsupportedMediaType(ProblemError):
     status = 415
-    title = "Unsupported media type"
 
 
 class Unprocessable(ProblemError):
     status = 422
-    title = "Unprocessable content"
 
 
 class Unavailable(ProblemError):
+    """Worth retrying, and every one says when (``Retry-After``, seconds): a store restarting or
+    failing over is back within seconds, and a storm of shoppers retrying at once only adds load."""
+
     status = 503
-    title = "Service unavailable"
+
+    def __init__(self, code: str, detail: str, *, retry_after_s: int = 1, **extra: Any) -> None:
+        super().__init__(code, detail, headers={"Retry-After": str(retry_after_s)}, **extra)
 
 
 # Every code a client can meet, with its status; the OpenAPI document and the tests read this.
 PROBLEM_TYPES: dict[str, int] = {
     "missing-idempotency-key": 400,
     "invalid-idempotency-key": 400,
-    "bad-json": 400,
     "invalid-signature": 400,
     "invalid-payload": 400,
     "invalid-token": 401,
-    "forbidden": 403,
     "sale-paused": 403,
     "sale-not-found": 404,
     "order-not-found": 404,
@@ -167,8 +187,13 @@ PROBLEM_TYPES: dict[str, int] = {
     "sale-not-started": 425,
     "internal-error": 500,
     "not-ready": 503,
+    "server-busy": 503,
     "payment-unavailable": 503,
 }
+
+# The codes of PROBLEM_TYPES only the operator's CLI meets (creating a sale, moving its status);
+# no HTTP route answers them.
+CLI_ONLY_CODES = frozenset({"invalid-sale", "invalid-status", "sale-exists"})
 
 
 def unexpected(exc: Exception) -> ProblemError:
@@ -179,7 +204,6 @@ def unexpected(exc: Exception) -> ProblemError:
         return Unavailable(
             "not-ready",
             "the inventory store is unreachable or stalled; retry with the same Idempotency-Key",
-            headers={"Retry-After": "1"},
         )
     return ProblemError(
         "internal-error", "the server failed unexpectedly; retry with the same Idempotency-Key"

@@ -11,6 +11,7 @@ import re
 import secrets
 
 __all__ = [
+    "IDEMPOTENCY_KEY_PATTERN",
     "is_idempotency_key",
     "is_sale_id",
     "is_user_id",
@@ -21,7 +22,9 @@ __all__ = [
 
 _SALE = re.compile(r"[a-z0-9][a-z0-9-]{0,47}")
 _USER = re.compile(r"[A-Za-z0-9_.@+-]{1,64}")
-_IDEMPOTENCY = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+# Public: the OpenAPI document states it, so clients can check a key before sending it.
+IDEMPOTENCY_KEY_PATTERN = r"[A-Za-z0-9_.:-]{1,128}"
+_IDEMPOTENCY = re.compile(IDEMPOTENCY_KEY_PATTERN)
 _ORDER = re.compile(r"([a-z0-9][a-z0-9-]{0,47})\.([0-9a-f]{16})")
 
 

@@ -1,8 +1,8 @@
 """``flashsale bench``: how fast the engine places orders, next to what else could be built.
 
 One command starts its own Redis and Postgres (in ``--dir``, which the bench owns and empties),
-seeds sales, and drives the servers round robin with wrk (a second of each per round), same
-connections, duration, request shape and uvicorn set-up:
+seeds sales, and drives the servers round robin with wrk (a second of each per round), with the
+same connections, duration, request shape and uvicorn set-up:
 
 1. **ceiling**: a bare Starlette endpoint, token and body only (``loadtests.benchapps``);
 2. **engine** placing orders while stock lasts (stock sized so the phase cannot sell out),
@@ -61,7 +61,11 @@ DIRECT_BATCH = 500
 WORKER_JOBS = "drain_outboxes,expire_holds"
 # Within a round, the sold-out slice follows the engine's (the engine server stays warm) and the
 # ceiling comes last, farthest from any drain the engine's slice set off.
-PHASE_ORDER = ("engine", "sold_out", "baseline", "ceiling")
+PHASE_ORDER = ("engine", "engine_fsync", "sold_out", "baseline", "ceiling")
+# The phase that runs the engine with Redis fsyncing every write (``appendfsync always``, set
+# live with CONFIG SET for its slices only), so the engine is compared with the Postgres
+# baseline, which fsyncs every commit, at the same durability: nothing answered is lost.
+FSYNC_PHASE = "engine_fsync"
 SERVER_APPS = ("ceiling", "engine", "baseline")
 SOLD_OUT_REFRESH_MS = 50
 
@@ -301,6 +305,7 @@ async def _bench(options: BenchOptions) -> dict[str, Any]:
     ids = {k: f"bench-{stamp}-{k}" for k in ("a", "b", "c", "base")}
     path = {
         "engine": f"/v1/sales/{ids['a']}/orders",
+        "engine_fsync": f"/v1/sales/{ids['a']}/orders",
         "sold_out": f"/v1/sales/{ids['b']}/orders",
         "baseline": f"/v1/sales/{ids['base']}/orders",
         "ceiling": f"/v1/sales/{ids['a']}/orders",
@@ -321,7 +326,11 @@ async def _bench(options: BenchOptions) -> dict[str, Any]:
         server = {app: await servers.serve(app) for app in SERVER_APPS}
         servers.work()
         meter = _meter(options.dir, servers)
-        url = {**servers.urls, "sold_out": servers.urls["engine"]}
+        url = {
+            **servers.urls,
+            "sold_out": servers.urls["engine"],
+            FSYNC_PHASE: servers.urls["engine"],
+        }
         for app in SERVER_APPS:
             # The engine warms up on the sold-out sale, so phase (a)'s sale stays untouched.
             _warm(options, url[app], path["sold_out" if app == "engine" else app], tokens)
@@ -339,10 +348,14 @@ async def _bench(options: BenchOptions) -> dict[str, Any]:
         print(f"{rounds} rounds of 1 s per phase, {options.connections} connections", flush=True)
         for _ in range(rounds):
             for name in PHASE_ORDER:
+                if name == FSYNC_PHASE:
+                    await redis.config_set("appendfsync", "always")
                 before = meter.read()
                 await asyncio.to_thread(run_slice, phases[name], path[name], tokens, 1)
                 phases[name].add_cpu(meter.spent(before, meter.read()))
-                if name == "engine":
+                if name == FSYNC_PHASE:
+                    await redis.config_set("appendfsync", options.appendfsync)
+                if name in ("engine", FSYNC_PHASE):
                     # The next phase must not pay for this one's drain: wait for the ledger.
                     ledger_waits.append(await wait_for_ledger(redis, ids["a"]))
         figures["ledger_complete_s"] = round(max(ledger_waits), 3)
@@ -413,19 +426,25 @@ def _report(
     audits: dict[str, SaleAudit],
 ) -> dict[str, Any]:
     raw = {name: phase.summary() for name, phase in phases.items()}
-    engine, ceiling, sold_out, baseline = (
+    engine, ceiling, sold_out, baseline, fsync = (
         raw["engine"],
         raw["ceiling"],
         raw["sold_out"],
         raw["baseline"],
+        raw[FSYNC_PHASE],
     )
     violations = [f"{name}: {v}" for name, a in audits.items() for v in a.violations]
     # Phase (a) must have taken orders all along: every answer a 201, and the sale not sold out.
     a = audits["engine"]
-    if engine["non_2xx"]:
-        violations.append(f"engine: {engine['non_2xx']} answers while stock lasted were not 201")
-    # The profiled run placed orders in the same sale.
-    runs = [phases["engine"], *([figures["profiled"]] if "profiled" in figures else [])]
+    for name, phase in (("engine", engine), (FSYNC_PHASE, fsync)):
+        if phase["non_2xx"]:
+            violations.append(f"{name}: {phase['non_2xx']} answers while stock lasted were not 201")
+    # The fsync phase and the profiled run placed orders in the same sale.
+    runs = [
+        phases["engine"],
+        phases[FSYNC_PHASE],
+        *([figures["profiled"]] if "profiled" in figures else []),
+    ]
     answered = sum(run.requests - run.summary()["non_2xx"] for run in runs)
     # wrk stops mid-flight: up to one request per connection per slice can have been taken
     # without its answer being counted, never the other way round.
@@ -470,6 +489,8 @@ def _report(
             "engine_p99_to_baseline_p99": _ratio(
                 engine["latency_ms"]["p99"], baseline["latency_ms"]["p99"]
             ),
+            "engine_fsync_to_engine": _ratio(fsync["throughput_rps"], engine["throughput_rps"]),
+            "engine_fsync_to_baseline": _ratio(fsync["throughput_rps"], baseline["throughput_rps"]),
         },
         "persistence": {
             "ledger_complete_s": figures["ledger_complete_s"],

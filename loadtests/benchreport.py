@@ -22,6 +22,8 @@ TARGETS: list[tuple[str, str, float, str]] = [
     ("ratios.soldout_to_ceiling", ">=", 0.9, "answers after sell-out vs the ceiling"),
     ("ratios.engine_to_baseline", ">=", 5.0, "orders vs the Postgres baseline"),
     ("ratios.engine_p99_to_baseline_p99", "<=", 1 / 3, "p99 vs the baseline's p99"),
+    # Like for like: both fsync every accepted order before answering.
+    ("ratios.engine_fsync_to_baseline", ">=", 5.0, "orders, appendfsync always, vs baseline"),
     ("persistence.ledger_complete_s", "<=", 2.0, "last order to ledger complete, s"),
     ("persistence.drain_orders_per_s", ">=", 20_000, "outbox drain rate, orders/s"),
 ]
@@ -29,6 +31,7 @@ TARGETS: list[tuple[str, str, float, str]] = [
 PHASE_TITLES = {
     "ceiling": "ceiling (Starlette, no store)",
     "engine": "engine, while stock lasts",
+    "engine_fsync": "engine, appendfsync always",
     "sold_out": "engine, after sell-out",
     "baseline": "baseline (Postgres UPDATE)",
 }

@@ -33,6 +33,9 @@ from localrun import servers as localservices
 
 __all__ = ["Storm", "run_demo", "start_process", "stop_process", "wait_ready"]
 
+# Shoppers paying at once in the demo, and the Redis connections its mock gateway uses.
+PAYERS = 16
+
 
 def start_process(args: list[str], settings: Settings, log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, **settings.as_env()}
@@ -161,7 +164,16 @@ async def checkout(
                     return
                 outcomes[answer["outcome"]] += 1
 
-        await asyncio.gather(*(pay(oid) for oid in payable))
+        # As many shoppers pay at once as the demo's Redis client has connections: the mock
+        # gateway's settle waits for one, and a crowd of payers on a busy machine would wait
+        # past the pool's timeout.
+        paying = asyncio.Semaphore(PAYERS)
+
+        async def pay_in_turn(order_id: str) -> None:
+            async with paying:
+                await pay(order_id)
+
+        await asyncio.gather(*(pay_in_turn(oid) for oid in payable))
     return outcomes
 
 
@@ -178,7 +190,7 @@ async def _demo(base_dir: Path, stock: int, shoppers: int, limit: int, concurren
     )
     print(f"redis {settings.redis_url}  postgres {settings.database_url}")
     await migrate(settings.database_url)
-    redis = connect_redis(settings, pool_size=8)
+    redis = connect_redis(settings, pool_size=PAYERS)
     db = await connect_postgres(settings)
     logs = base_dir / "logs"
     logs.mkdir(parents=True, exist_ok=True)

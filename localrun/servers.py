@@ -50,7 +50,8 @@ def _run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
     # shell's PGHOST, PGSSLMODE, PGDATA... must not steer our tools toward some other server.
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     env["PGCONNECT_TIMEOUT"] = "10"
-    return subprocess.run(cmd, capture_output=True, text=True, env=env)
+    # From "/": the postgres user may not be allowed into the caller's working directory.
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd="/")
 
 
 def _as_postgres(cmd: list[str]) -> list[str]:

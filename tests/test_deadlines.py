@@ -113,7 +113,7 @@ async def test_a_stopped_redis_gets_503_within_the_deadline_and_orders_resume_af
     codes = sorted(response.json()["code"] for response in stalled)
     assert all(response.status_code == 503 for response in stalled)
     assert all(response.headers["retry-after"] == "1" for response in stalled)
-    assert codes == ["not-ready"] * 8 + ["overloaded"] * 12
+    assert codes == ["not-ready"] * 8 + ["server-busy"] * 12
 
     # Redis answers again: the same server takes orders. An order refused as overloaded never
     # left the server; one that timed out was written to the socket, and a resumed Redis may
@@ -121,7 +121,7 @@ async def test_a_stopped_redis_gets_503_within_the_deadline_and_orders_resume_af
     after = [await place(client, own, sale, key=f"k{i}", user=f"u{i}") for i in range(20)]
     assert [response.status_code for response in after] == [201] * 20
     for before, retry in zip(stalled, after, strict=True):
-        if before.json()["code"] == "overloaded":
+        if before.json()["code"] == "server-busy":
             assert retry.headers.get("idempotent-replayed") is None
     keys = sale_keys(sale.id)
     assert int(await redis.get(keys.stock) or 0) == 50 - 21

@@ -245,7 +245,7 @@ async def _checked(stack: Stack, shoppers: Shoppers, ledger_timeout_s: float = 3
             (409, "sold-out"),
             (409, "limit-exceeded"),
             (503, "not-ready"),
-            (503, "overloaded"),
+            (503, "server-busy"),
         }
     )
     assert not unexpected, unexpected

@@ -25,6 +25,8 @@ __all__ = ["each_sale", "log", "shutdown", "startup"]
 
 log = logging.getLogger("flashsale.worker")
 
+STORE_DEADLINE_S = 10.0
+
 
 async def startup(ctx: dict[str, Any]) -> None:
     """Make the clients every job uses and load the Lua scripts."""
@@ -33,23 +35,31 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx.setdefault(HEALTH, WorkerHealth())
     settings = Settings.from_env()
     ctx["settings"] = settings
-    # ctx["redis"] is arq's own connection; ours is ctx["store"].
-    ctx["store"] = connect_redis(settings, pool_size=32)
-    # No floor of idle connections: while Postgres is away asyncpg would keep restoring one in
-    # the background, logging a traceback at each try (1 s doubling to 60 s), beside the
-    # outage the failing jobs already report once. The drain runs every second, so a
-    # connection stays open anyway.
-    ctx["db"] = await connect_postgres(settings, min_size=0, max_size=4)
+    # ctx["redis"] is arq's own connection; ours is ctx["store"]. A stalled Redis fails a call
+    # within STORE_DEADLINE_S instead of holding the job until arq's timeout.
+    ctx["store"] = connect_redis(settings, pool_size=32, deadline_s=STORE_DEADLINE_S)
+    # The drain has clients of its own: payment work waiting on the gateway, or a burst of
+    # expiries, never holds the connections the ledger needs.
+    ctx["drain_store"] = connect_redis(settings, pool_size=4, deadline_s=STORE_DEADLINE_S)
     ctx["consumer"] = f"{socket.gethostname()}-{os.getpid()}"
     ctx["gateway"] = make_gateway(settings, ctx["store"])
+    # No floor of idle connections: while Postgres is away asyncpg would keep restoring one per
+    # pool in the background, logging a traceback at each try (1 s doubling to 60 s), beside
+    # the outage the failing jobs already report once. The jobs run every second, so their
+    # connections stay open anyway.
+    ctx["db"] = await connect_postgres(settings, min_size=0, max_size=4)
+    ctx["drain_db"] = await connect_postgres(settings, min_size=0, max_size=2)
     await load_scripts(ctx["store"])
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
-    """Close what ``startup`` opened."""
-    await ctx["gateway"].aclose()
-    await ctx["store"].aclose()
-    await ctx["db"].close()
+    """Close what ``startup`` opened (as far as it got: a start-up can fail half way)."""
+    for name in ("gateway", "store", "drain_store"):
+        if name in ctx:
+            await ctx[name].aclose()
+    for name in ("db", "drain_db"):
+        if name in ctx:
+            await ctx[name].close()
 
 
 async def each_sale(ctx: dict[str, Any], job: str, work: Callable[[str], Awaitable[int]]) -> int:

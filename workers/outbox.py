@@ -153,10 +153,10 @@ async def drain_outboxes(ctx: dict[str, Any]) -> int:
     empty_passes = 0
     while True:
         this_pass = 0
-        for sale_id in await live_sale_ids(ctx["store"]):
+        for sale_id in await live_sale_ids(ctx["drain_store"]):
             this_pass += await drain_sale(
-                ctx["store"],
-                ctx["db"],
+                ctx["drain_store"],
+                ctx["drain_db"],
                 sale_id,
                 ctx["consumer"],
                 settings.drain_batch,

@@ -22,7 +22,7 @@ from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
 from engine.db import connect_redis
-from engine.errors import ProblemError, problem_response, unexpected
+from engine.errors import MethodNotAllowed, NotFound, ProblemError, problem_response, unexpected
 from engine.http import admin, orders, probes, sales, webhooks
 from engine.http.auth import TokenVerifier
 from engine.http.context import Services
@@ -51,6 +51,7 @@ def route_table(order_route: OrderRoute) -> list[BaseRoute]:
         Route("/health", probes.health, methods=["GET"]),
         Route("/ready", probes.ready, methods=["GET"]),
         Route("/openapi.json", probes.openapi, methods=["GET"]),
+        Route("/docs", probes.docs, methods=["GET"]),
     ]
 
 
@@ -61,10 +62,14 @@ async def _on_problem(request: Request, exc: Exception) -> Response:
 
 async def _on_http(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    code = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "bad-request")
-    problem = ProblemError(
-        code, str(exc.detail), status=exc.status_code, headers=dict(exc.headers or {})
-    )
+    # Starlette raises these two itself: no route has the path, or the path's route has
+    # another method. No handler raises HTTPException, so anything else is a fault.
+    if exc.status_code == 404:
+        problem: ProblemError = NotFound("not-found", f"nothing is at {request.url.path}")
+    elif exc.status_code == 405:
+        problem = MethodNotAllowed(dict(exc.headers or {}).get("Allow", ""))
+    else:
+        return await _on_error(request, exc)
     return problem_response(problem, request)
 
 

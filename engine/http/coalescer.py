@@ -26,7 +26,7 @@ have alone; the shopper retries with the same Idempotency-Key, which is safe whe
 script ran.
 
 Back-pressure: at most ``max_in_flight`` orders of the process wait for Redis at once. Past
-that a new order is refused at once with 503 ``overloaded`` and ``Retry-After`` instead of
+that a new order is refused at once with 503 ``server-busy`` and ``Retry-After`` instead of
 joining a queue that a slow Redis would turn into timeouts for everyone behind it.
 """
 
@@ -84,10 +84,9 @@ class Reservations:
         """What ``inventory.reserve`` answers, once the turn's batch has run."""
         if self.in_flight >= self._max_in_flight:
             raise Unavailable(
-                "overloaded",
+                "server-busy",
                 "too many orders are waiting for the inventory store; retry shortly with the "
                 "same Idempotency-Key",
-                headers={"Retry-After": "1"},
             )
         self.in_flight += 1
         loop = asyncio.get_running_loop()

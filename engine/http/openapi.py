@@ -1,4 +1,13 @@
-"""The OpenAPI 3.1 document served at ``/openapi.json``."""
+"""The OpenAPI 3.1 document served at ``/openapi.json`` and browsed at ``/docs``.
+
+It is declared here rather than generated, but nothing in it is free to drift: each operation
+lists the problem codes it can answer (``x-problem-codes``), and its error responses are made
+from them, one per status (``PROBLEM_TYPES``), each enumerating its codes and the headers that
+status carries. Limits come from the code that enforces them (``MAX_QUANTITY``, the
+Idempotency-Key pattern). ``x-every-request`` holds the problems no operation owns: an unknown
+path, a method the path does not have, a fault. ``tests/test_openapi.py`` holds the document to
+the route table and to the real app's answers.
+"""
 
 from __future__ import annotations
 
@@ -6,234 +15,339 @@ from functools import cache
 from typing import Any
 
 from engine import __version__
-from engine.errors import PROBLEM_TYPES
+from engine.errors import PROBLEM_MEDIA_TYPE, PROBLEM_TYPES
+from engine.http.bodies import MAX_QUANTITY
+from engine.http.schemas import component_schemas
+from engine.http.webhooks import MAX_WEBHOOK_BYTES
+from engine.ids import IDEMPOTENCY_KEY_PATTERN
 
 __all__ = ["openapi_document"]
 
-_PROBLEM = {"$ref": "#/components/responses/Problem"}
+# Problems any request may meet, whatever its operation (answered by the front door itself).
+_EVERY_REQUEST_CODES = ("not-found", "method-not-allowed", "internal-error")
 
-
-def _problems(*statuses: int) -> dict[str, Any]:
-    return {str(status): _PROBLEM for status in statuses}
-
-
-def _op(summary: str, ok: int, schema: str, *errors: int, **extra: Any) -> dict[str, Any]:
-    responses: dict[str, Any] = {
-        str(ok): {
-            "description": summary,
-            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
+# Headers every problem of a status carries (set by its class in engine.errors).
+_PROBLEM_HEADERS: dict[int, dict[str, Any]] = {
+    401: {
+        "WWW-Authenticate": {
+            "description": "The scheme to authenticate with: Bearer.",
+            "schema": {"type": "string"},
+            "required": True,
         }
+    },
+    405: {
+        "Allow": {
+            "description": "The methods this path answers.",
+            "schema": {"type": "string"},
+            "required": True,
+        }
+    },
+    503: {
+        "Retry-After": {
+            "description": "Seconds to wait before retrying (with the same Idempotency-Key).",
+            "schema": {"type": "integer", "minimum": 1},
+            "required": True,
+        }
+    },
+}
+
+_SHOPPER: list[dict[str, list[str]]] = [{"shopper": []}]
+_ADMIN: list[dict[str, list[str]]] = [{"admin": []}]
+
+
+def _ref(kind: str, name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/{kind}/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _problem_responses(codes: tuple[str, ...]) -> dict[str, Any]:
+    """The error responses of ``codes``: one per status, its schema enumerating its codes."""
+    by_status: dict[int, list[str]] = {}
+    for code in codes:
+        by_status.setdefault(PROBLEM_TYPES[code], []).append(code)
+    responses = {}
+    for status, its_codes in sorted(by_status.items()):
+        schema = {
+            "allOf": [
+                _ref("schemas", "Problem"),
+                {"properties": {"status": {"const": status}, "code": {"enum": its_codes}}},
+            ]
+        }
+        response: dict[str, Any] = {
+            "description": ", ".join(its_codes),
+            "content": {PROBLEM_MEDIA_TYPE: {"schema": schema}},
+        }
+        if status in _PROBLEM_HEADERS:
+            response["headers"] = _PROBLEM_HEADERS[status]
+        responses[str(status)] = response
+    return responses
+
+
+def _operation(
+    operation_id: str,
+    tag: str,
+    summary: str,
+    answers: dict[str, Any],
+    codes: tuple[str, ...],
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "operationId": operation_id,
+        "tags": [tag],
+        "summary": summary,
+        **extra,
+        "x-problem-codes": list(codes),
+        "responses": {**answers, **_problem_responses(codes)},
     }
-    responses.update(_problems(*errors))
-    return {"summary": summary, "responses": responses, **extra}
 
 
-_SALE_ID = {"name": "sale_id", "in": "path", "required": True, "schema": {"type": "string"}}
-_ORDER_ID = {"name": "order_id", "in": "path", "required": True, "schema": {"type": "string"}}
-_BEARER: list[dict[str, list[str]]] = [{"bearer": []}]
+def _parameter(
+    name: str, where: str, schema: dict[str, Any], description: str, *, required: bool = True
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "in": where,
+        "required": required,
+        "schema": schema,
+        "description": description,
+    }
+
+
+_STRING = {"type": "string"}
+_SALE_ID = _parameter(
+    "sale_id", "path", _STRING, "A sale id; one that cannot be a sale id answers sale-not-found."
+)
+_ORDER_ID = _parameter(
+    "order_id", "path", _STRING, "An order id; one that cannot be one answers order-not-found."
+)
+_IDEMPOTENCY_KEY = _parameter(
+    "Idempotency-Key",
+    "header",
+    {"type": "string", "pattern": f"^{IDEMPOTENCY_KEY_PATTERN}$"},
+    "The same key and body again answer the first answer (Idempotent-Replayed: true); the "
+    "same key with another body is idempotency-key-reused.",
+)
+_STRIPE_SIGNATURE = _parameter(
+    "Stripe-Signature", "header", _STRING, "Stripe's signature of the body, with its time."
+)
+_RESTOCK = _parameter(
+    "restock",
+    "query",
+    {"type": "boolean", "default": False},
+    "Put the units back on sale (only the value true does).",
+    required=False,
+)
+_ORDER_BODY = {
+    "type": "object",
+    "required": ["quantity"],
+    "additionalProperties": False,
+    "properties": {
+        "quantity": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": MAX_QUANTITY,
+            "description": "Units to hold; the sale's per_order_max (often lower) applies too.",
+        }
+    },
+}
+_REPLAYED = {
+    "Idempotent-Replayed": {
+        "description": "Present, and true, when this answers a replay of an earlier request.",
+        "schema": {"const": "true"},
+    }
+}
+
+
+def _paths() -> dict[str, Any]:
+    order = _json(_ref("schemas", "Order"), "The order")
+    return {
+        "/v1/sales/{sale_id}": {
+            "get": _operation(
+                "getSale",
+                "sales",
+                "Read a sale",
+                {"200": _json(_ref("schemas", "Sale"), "The sale, with the units left now")},
+                ("sale-not-found", "not-ready"),
+                parameters=[_SALE_ID],
+            ),
+        },
+        "/v1/sales/{sale_id}/orders": {
+            "post": _operation(
+                "placeOrder",
+                "sales",
+                "Place an order: a hold on stock until hold_expires_at",
+                {
+                    "201": {
+                        **_json(_ref("schemas", "Order"), "The held order"),
+                        "headers": _REPLAYED,
+                    }
+                },
+                (
+                    "invalid-token",
+                    "missing-idempotency-key",
+                    "invalid-idempotency-key",
+                    "unsupported-media-type",
+                    "body-too-large",
+                    "invalid-body",
+                    "invalid-quantity",
+                    "sale-not-found",
+                    "sold-out",
+                    "limit-exceeded",
+                    "quantity-exceeds-maximum",
+                    "idempotency-key-reused",
+                    "sale-not-started",
+                    "sale-ended",
+                    "sale-paused",
+                    "not-ready",
+                    "server-busy",
+                ),
+                parameters=[_SALE_ID, _IDEMPOTENCY_KEY],
+                security=_SHOPPER,
+                requestBody={
+                    "required": True,
+                    "description": "At most FLASHSALE_MAX_BODY_BYTES bytes.",
+                    "content": {"application/json": {"schema": _ORDER_BODY}},
+                },
+            ),
+        },
+        "/v1/orders/{order_id}": {
+            "get": _operation(
+                "getOrder",
+                "orders",
+                "Read your order (someone else's is order-not-found)",
+                {"200": order},
+                ("invalid-token", "order-not-found", "not-ready"),
+                parameters=[_ORDER_ID],
+                security=_SHOPPER,
+            ),
+        },
+        "/v1/orders/{order_id}/cancel": {
+            "post": _operation(
+                "cancelOrder",
+                "orders",
+                "Cancel your held order (again: the same answer)",
+                {"200": order},
+                ("invalid-token", "order-not-found", "order-not-cancellable", "not-ready"),
+                parameters=[_ORDER_ID],
+                security=_SHOPPER,
+            ),
+        },
+        "/v1/orders/{order_id}/pay": {
+            "post": _operation(
+                "payOrder",
+                "orders",
+                "Payment details for your order (creates its PaymentIntent once)",
+                {"200": _json(_ref("schemas", "Payment"), "What the browser pays with")},
+                (
+                    "invalid-token",
+                    "order-not-found",
+                    "order-not-payable",
+                    "payment-unavailable",
+                    "not-ready",
+                ),
+                parameters=[_ORDER_ID],
+                security=_SHOPPER,
+            ),
+        },
+        "/v1/webhooks/stripe": {
+            "post": _operation(
+                "stripeWebhook",
+                "webhooks",
+                "Stripe's signed events (duplicates acknowledged and ignored)",
+                {"200": _json(_ref("schemas", "Received"), "Stored, and applied when it can be")},
+                ("body-too-large", "invalid-signature", "invalid-payload", "not-ready"),
+                parameters=[_STRIPE_SIGNATURE],
+                requestBody={
+                    "required": True,
+                    "description": f"A Stripe event, at most {MAX_WEBHOOK_BYTES} bytes.",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+            ),
+        },
+        "/v1/admin/orders/{order_id}/refund": {
+            "post": _operation(
+                "refundOrder",
+                "admin",
+                "Refund a paid order; a worker pays it back",
+                {"202": _json(_ref("schemas", "Refund"), "Refund pending")},
+                ("invalid-token", "order-not-found", "order-not-refundable", "not-ready"),
+                parameters=[_ORDER_ID, _RESTOCK],
+                security=_ADMIN,
+            ),
+        },
+        "/health": {
+            "get": _operation(
+                "health",
+                "service",
+                "Liveness",
+                {"200": _json(_ref("schemas", "Status"), "Up")},
+                (),
+            )
+        },
+        "/ready": {
+            "get": _operation(
+                "ready",
+                "service",
+                "Redis and Postgres reachable (a 503 names the one that is not in checks)",
+                {"200": _json(_ref("schemas", "Status"), "Ready")},
+                ("not-ready",),
+            )
+        },
+        "/openapi.json": {
+            "get": _operation(
+                "openapi",
+                "service",
+                "This document",
+                {"200": _json({"type": "object"}, "OpenAPI 3.1")},
+                (),
+            )
+        },
+        "/docs": {
+            "get": _operation(
+                "docs",
+                "service",
+                "This document as a page to read",
+                {
+                    "200": {
+                        "description": "HTML that reads /openapi.json",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
+                (),
+            )
+        },
+    }
 
 
 @cache
 def openapi_document() -> dict[str, Any]:
-    order = {
-        "type": "object",
-        "required": ["id", "sale_id", "quantity", "state", "version", "hold_expires_at"],
-        "properties": {
-            "id": {"type": "string"},
-            "sale_id": {"type": "string"},
-            "quantity": {"type": "integer", "minimum": 1},
-            "state": {
-                "enum": [
-                    "reserved",
-                    "paid",
-                    "expired",
-                    "cancelled",
-                    "failed",
-                    "refund_pending",
-                    "refunded",
-                ]
-            },
-            "version": {"type": "integer", "minimum": 1},
-            "created_at": {"type": "string", "format": "date-time"},
-            "hold_expires_at": {"type": "string", "format": "date-time"},
-        },
-    }
-    sale = {
-        "type": "object",
-        "properties": {
-            "id": {"type": "string"},
-            "name": {"type": "string"},
-            "status": {"enum": ["open", "paused", "closed"]},
-            "starts_at": {"type": "string", "format": "date-time"},
-            "ends_at": {"type": "string", "format": "date-time"},
-            "price": {"type": "integer", "description": "minor units"},
-            "currency": {"type": "string"},
-            "per_user_limit": {"type": "integer"},
-            "per_order_max": {"type": "integer"},
-            "hold_seconds": {"type": "integer"},
-            "units_left": {"type": "integer"},
-        },
-    }
-    problem = {
-        "type": "object",
-        "required": ["type", "title", "status", "code"],
-        "properties": {
-            "type": {"type": "string", "format": "uri"},
-            "title": {"type": "string"},
-            "status": {"type": "integer"},
-            "code": {"enum": sorted(PROBLEM_TYPES)},
-            "detail": {"type": "string"},
-            "instance": {"type": "string"},
-        },
-    }
-    idempotency = {
-        "name": "Idempotency-Key",
-        "in": "header",
-        "required": True,
-        "schema": {"type": "string", "pattern": "^[A-Za-z0-9_.:-]{1,128}$"},
-        "description": "A replay returns the first answer; reuse with another body is a 422.",
-    }
+    """The document; built once, never changed after."""
     return {
         "openapi": "3.1.0",
-        "info": {"title": "flashsale", "version": __version__},
-        "paths": {
-            "/v1/sales/{sale_id}": {
-                "get": _op("Read a sale", 200, "Sale", 404, parameters=[_SALE_ID]),
-            },
-            "/v1/sales/{sale_id}/orders": {
-                "post": _op(
-                    "Place an order (a hold on stock)",
-                    201,
-                    "Order",
-                    400,
-                    401,
-                    403,
-                    404,
-                    409,
-                    410,
-                    413,
-                    415,
-                    422,
-                    425,
-                    parameters=[_SALE_ID, idempotency],
-                    security=_BEARER,
-                    requestBody={
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["quantity"],
-                                    "properties": {"quantity": {"type": "integer", "minimum": 1}},
-                                    "additionalProperties": False,
-                                }
-                            }
-                        },
-                    },
-                ),
-            },
-            "/v1/orders/{order_id}": {
-                "get": _op(
-                    "Read your order",
-                    200,
-                    "Order",
-                    401,
-                    404,
-                    parameters=[_ORDER_ID],
-                    security=_BEARER,
-                ),
-            },
-            "/v1/orders/{order_id}/pay": {
-                "post": _op(
-                    "Payment details for your order (creates its PaymentIntent once)",
-                    200,
-                    "Payment",
-                    401,
-                    404,
-                    409,
-                    503,
-                    parameters=[_ORDER_ID],
-                    security=_BEARER,
-                ),
-            },
-            "/v1/webhooks/stripe": {
-                "post": {
-                    "summary": "Stripe webhook (signed; duplicates acknowledged and ignored)",
-                    "parameters": [
-                        {
-                            "name": "Stripe-Signature",
-                            "in": "header",
-                            "required": True,
-                            "schema": {"type": "string"},
-                        }
-                    ],
-                    "responses": {"200": {"description": "received"}, **_problems(400, 413)},
-                },
-            },
-            "/v1/admin/orders/{order_id}/refund": {
-                "post": {
-                    "summary": "Refund a paid order (admin token); a worker pays it back",
-                    "parameters": [
-                        _ORDER_ID,
-                        {"name": "restock", "in": "query", "schema": {"type": "boolean"}},
-                    ],
-                    "responses": {
-                        "202": {"description": "refund_pending"},
-                        **_problems(401, 404, 409),
-                    },
-                },
-            },
-            "/v1/orders/{order_id}/cancel": {
-                "post": _op(
-                    "Cancel your held order",
-                    200,
-                    "Order",
-                    401,
-                    404,
-                    409,
-                    parameters=[_ORDER_ID],
-                    security=_BEARER,
-                ),
-            },
-            "/health": {
-                "get": {"summary": "Liveness", "responses": {"200": {"description": "up"}}}
-            },
-            "/ready": {
-                "get": {
-                    "summary": "Redis and Postgres reachable",
-                    "responses": {"200": {"description": "ready"}, **_problems(503)},
-                }
-            },
+        "info": {
+            "title": "flashsale",
+            "version": __version__,
+            "description": "Flash-sale orders: holds in Redis, a ledger in Postgres. Every "
+            "error is application/problem+json with a stable code.",
+        },
+        "paths": _paths(),
+        "x-every-request": {
+            "description": "Problems any request may meet, whatever its operation.",
+            "x-problem-codes": list(_EVERY_REQUEST_CODES),
+            "responses": _problem_responses(_EVERY_REQUEST_CODES),
         },
         "components": {
-            "schemas": {
-                "Order": order,
-                "Sale": sale,
-                "Problem": problem,
-                "Payment": {
-                    "type": "object",
-                    "properties": {
-                        "order_id": {"type": "string"},
-                        "state": {"type": "string"},
-                        "payment_intent_id": {"type": "string"},
-                        "client_secret": {"type": "string"},
-                        "amount": {"type": "integer"},
-                        "currency": {"type": "string"},
-                    },
-                },
-            },
-            "responses": {
-                "Problem": {
-                    "description": "RFC 9457 problem details with a stable code",
-                    "content": {
-                        "application/problem+json": {
-                            "schema": {"$ref": "#/components/schemas/Problem"}
-                        }
-                    },
-                }
-            },
+            "schemas": component_schemas(),
             "securitySchemes": {
-                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+                "shopper": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
+                "admin": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "The operator's FLASHSALE_ADMIN_TOKEN.",
+                },
             },
         },
     }

@@ -136,26 +136,22 @@ class OrderRoute:
         return 201, answer, [*_JSON, _REPLAYED] if hold.replayed else _JSON
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, sale_id: str) -> int:
-        """Answer one order request; return the status sent (499: the client left first)."""
-        if scope["method"] != "POST":
-            error: ProblemError | None = ProblemError(
-                "method-not-allowed", "Method Not Allowed", status=405, headers={"Allow": "POST"}
-            )
-        else:
-            try:
-                answer = await self._place(scope, receive, sale_id)
-                if answer is None:
-                    return 499  # the client hung up before sending its body: nobody to answer
-                status, body, headers = answer
-                error = None
-            except ProblemError as exc:
-                error = exc
-            except (RedisError, OSError) as exc:
-                # The connection logs the outage once (engine.logs.Outage), not per order.
-                error = unexpected(exc)
-            except Exception as exc:
-                log.exception("unhandled error on POST %s", scope["path"])
-                error = unexpected(exc)
+        """Answer one order request (the front door checked its method); return the status
+        sent (499: the client left first)."""
+        try:
+            answer = await self._place(scope, receive, sale_id)
+            if answer is None:
+                return 499  # the client hung up before sending its body: nobody to answer
+            status, body, headers = answer
+            error: ProblemError | None = None
+        except ProblemError as exc:
+            error = exc
+        except (RedisError, OSError) as exc:
+            # The connection logs the outage once (engine.logs.Outage), not per order.
+            error = unexpected(exc)
+        except Exception as exc:
+            log.exception("unhandled error on POST %s", scope["path"])
+            error = unexpected(exc)
         if error is not None:
             scope[PROBLEM_SCOPE_KEY] = error.code
             await send_problem(send, error, scope["path"])

@@ -1,18 +1,22 @@
-"""Routes about the service itself: liveness, readiness, and its API description."""
+"""Routes about the service itself: liveness, readiness, and its API description (as JSON, and as
+a page that reads that JSON)."""
 
 from __future__ import annotations
+
+from functools import cache
+from importlib.resources import files
 
 import asyncpg
 from redis.exceptions import RedisError
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import HTMLResponse, Response
 
 from engine.errors import Unavailable
 from engine.http.bodies import JSONResponse
 from engine.http.context import services
 from engine.http.openapi import openapi_document
 
-__all__ = ["health", "openapi", "ready"]
+__all__ = ["docs", "health", "openapi", "ready"]
 
 
 async def health(request: Request) -> Response:
@@ -40,3 +44,13 @@ async def ready(request: Request) -> Response:
 
 async def openapi(request: Request) -> Response:
     return JSONResponse(openapi_document())
+
+
+@cache
+def _docs_page() -> bytes:
+    # Shipped in the package (pyproject's package-data): no CDN, nothing fetched but the JSON.
+    return files("engine.http").joinpath("static/docs.html").read_bytes()
+
+
+async def docs(request: Request) -> Response:
+    return HTMLResponse(_docs_page())

@@ -23,7 +23,7 @@ from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Match
 from starlette.types import Receive, Scope, Send
 
-from engine.errors import PROBLEM_MEDIA_TYPE, PROBLEM_SCOPE_KEY, ProblemError
+from engine.errors import PROBLEM_MEDIA_TYPE, PROBLEM_SCOPE_KEY, MethodNotAllowed, ProblemError
 
 __all__ = [
     "BareHandler",
@@ -68,6 +68,7 @@ class BareRoute(BaseRoute):
         self.path = path
         self.param = name
         self.methods = frozenset(methods)
+        self.allow = ", ".join(sorted(self.methods))  # the Allow header of its 405s
         self.handler = handler
         self._head = head
         self._tail = tail
@@ -88,6 +89,9 @@ class BareRoute(BaseRoute):
         # FrontDoor answers these before Starlette; this serves a router used on its own.
         param = self.param_of(scope["path"])
         assert param is not None
+        if scope["method"] not in self.methods:
+            await send_problem(send, MethodNotAllowed(self.allow), scope["path"])
+            return
         await self.handler(scope, receive, send, param)
 
 
@@ -104,8 +108,9 @@ async def send_problem(send: Send, error: ProblemError, instance: str) -> None:
 
 
 class FrontDoor(Starlette):
-    """Starlette, with every route in one table, bare routes answered before its middleware, and
-    one ``RequestHook`` around every HTTP request."""
+    """Starlette, with every route in one table, bare routes answered before its middleware (a
+    method their table entry does not list is a 405, as on Starlette's routes), and one
+    ``RequestHook`` around every HTTP request."""
 
     def __init__(
         self, *, routes: Sequence[BaseRoute], hook: RequestHook | None = None, **kwargs: Any
@@ -127,6 +132,8 @@ class FrontDoor(Starlette):
                 continue
             try:
                 hook.enter(scope)
+                if scope["method"] not in route.methods:
+                    raise MethodNotAllowed(route.allow)
             except ProblemError as refused:
                 await send_problem(send, refused, path)
                 hook.leave(scope, route.path, refused.status_code, refused.code, 0.0)

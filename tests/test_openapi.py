@@ -1,0 +1,393 @@
+"""The OpenAPI document held to the app: its route table, its problem codes, the limits its
+handlers enforce, the headers it sends, and what the real app answers to bad requests."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import replace
+from typing import Any
+
+import asyncpg
+import httpx
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from engine import inventory
+from engine.errors import CLI_ONLY_CODES, PROBLEM_MEDIA_TYPE, PROBLEM_TYPES, ProblemError
+from engine.http.app import create_app
+from engine.http.auth import mint_token
+from engine.http.bodies import MAX_QUANTITY, quantity_of
+from engine.http.openapi import openapi_document
+from engine.http.webhooks import MAX_WEBHOOK_BYTES
+from engine.ids import IDEMPOTENCY_KEY_PATTERN, is_idempotency_key
+from engine.payments import signed_event
+from engine.settings import Settings
+from tests.conftest import SaleFactory
+
+DOC = openapi_document()
+EVERY = DOC["x-every-request"]
+OPERATIONS: dict[tuple[str, str], dict[str, Any]] = {
+    (method.upper(), path): op for path, item in DOC["paths"].items() for method, op in item.items()
+}
+ORDERS = ("POST", "/v1/sales/{sale_id}/orders")
+SECRET = "whsec_openapi_tests"
+ADMIN = "admin-" + "o" * 24
+# Headers every answer carries, described by the content of the response rather than by name.
+ENTITY_HEADERS = {"content-type", "content-length"}
+# Nothing a request can do makes the app fail unexpectedly.
+UNPROVOKABLE = {"internal-error"}
+# Answered only when more orders wait for Redis at once than these requests, one at a time, make
+# (tests/test_deadlines.py provokes it), or when a store is down (the next test).
+NEEDS_A_CROWD_OR_AN_OUTAGE = {"not-ready", "server-busy"}
+
+
+def refs(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        if "$ref" in node:
+            yield node["$ref"]
+        for value in node.values():
+            yield from refs(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from refs(value)
+
+
+def resolve(node: dict[str, Any]) -> dict[str, Any]:
+    while "$ref" in node:
+        found: Any = DOC
+        for part in node["$ref"].removeprefix("#/").split("/"):
+            found = found[part]
+        node = found
+    return node
+
+
+def routes_of_the_app() -> set[tuple[str, str]]:
+    app = create_app(Settings(environment="test", jwt_secret="t" * 32))
+    routes = set()
+    for route in app.routes:
+        methods = set(getattr(route, "methods", None) or ())
+        if "GET" in methods:
+            methods.discard("HEAD")  # Starlette adds it to every GET: a GET without the body
+        routes |= {(method, route.path) for method in methods}  # type: ignore[attr-defined]
+    return routes
+
+
+def test_the_document_has_the_shape_of_openapi_3_1():
+    assert re.fullmatch(r"3\.1\.\d+", DOC["openapi"])
+    assert DOC["info"]["title"] and isinstance(DOC["info"]["version"], str)
+    assert orjson.loads(orjson.dumps(DOC)) == DOC  # JSON all through
+    for ref in refs(DOC):
+        assert ref.startswith("#/components/"), ref
+        resolve({"$ref": ref})
+    schemes = DOC["components"]["securitySchemes"]
+    ids = [op["operationId"] for op in OPERATIONS.values()]
+    assert len(ids) == len(set(ids))
+    for (method, path), op in OPERATIONS.items():
+        assert method in {"GET", "PUT", "POST", "DELETE", "PATCH"} and path.startswith("/")
+        parameters = op.get("parameters", [])
+        in_path = {p["name"] for p in parameters if p["in"] == "path"}
+        assert in_path == set(re.findall(r"{(\w+)}", path)), path
+        for parameter in parameters:
+            assert parameter["in"] in {"path", "query", "header"} and "schema" in parameter
+            assert parameter["in"] != "path" or parameter["required"] is True
+            # OpenAPI ignores these as parameters: security and content describe them.
+            assert parameter["name"].lower() not in {"authorization", "content-type", "accept"}
+        for requirement in op.get("security", []):
+            assert set(requirement) <= set(schemes)
+    for responses in [op["responses"] for op in OPERATIONS.values()] + [EVERY["responses"]]:
+        assert responses
+        for status, response in responses.items():
+            assert re.fullmatch(r"[1-5]\d\d", status) and resolve(response)["description"]
+            for header in response.get("headers", {}).values():
+                assert "schema" in header and header["description"]
+
+
+def test_every_route_of_the_table_is_documented_and_nothing_else():
+    assert set(OPERATIONS) == routes_of_the_app()
+
+
+def test_every_problem_code_is_documented_with_its_status():
+    listed = [
+        *EVERY["x-problem-codes"],
+        *(c for op in OPERATIONS.values() for c in op["x-problem-codes"]),
+    ]
+    assert set(listed) == set(PROBLEM_TYPES) - CLI_ONLY_CODES
+    problem = DOC["components"]["schemas"]["Problem"]
+    assert set(problem["properties"]["code"]["enum"]) == set(PROBLEM_TYPES) - CLI_ONLY_CODES
+    for source in [*OPERATIONS.values(), EVERY]:
+        codes = source["x-problem-codes"]
+        assert {str(PROBLEM_TYPES[code]) for code in codes} <= set(source["responses"])
+        for status, response in source["responses"].items():
+            if int(status) < 400:
+                continue
+            narrowed = response["content"][PROBLEM_MEDIA_TYPE]["schema"]["allOf"][1]["properties"]
+            assert narrowed["status"]["const"] == int(status)
+            # Each error response names exactly the operation's codes of its status.
+            assert narrowed["code"]["enum"] == [c for c in codes if PROBLEM_TYPES[c] == int(status)]
+
+
+def test_the_order_body_and_key_limits_are_the_ones_the_route_enforces():
+    place = OPERATIONS[ORDERS]
+    body = place["requestBody"]["content"]["application/json"]["schema"]
+    quantity = body["properties"]["quantity"]
+    assert (quantity["minimum"], quantity["maximum"]) == (1, MAX_QUANTITY)
+    assert quantity_of(b'{"quantity": %d}' % MAX_QUANTITY) == MAX_QUANTITY
+    for refused in (quantity["minimum"] - 1, quantity["maximum"] + 1):
+        with pytest.raises(ProblemError, match="quantity"):
+            quantity_of(b'{"quantity": %d}' % refused)
+    assert body["additionalProperties"] is False and body["required"] == ["quantity"]
+    with pytest.raises(ProblemError, match="unknown fields"):
+        quantity_of(b'{"quantity": 1, "coupon": "x"}')
+
+    (key,) = [p for p in place["parameters"] if p["name"] == "Idempotency-Key"]
+    assert key["required"] and key["schema"]["pattern"] == f"^{IDEMPOTENCY_KEY_PATTERN}$"
+    documented = re.compile(key["schema"]["pattern"])
+    for sample in ["k", "a.b:c_d-e", "x" * 128, "x" * 129, "", "has space", "{tag}", "é", "a/b"]:
+        assert bool(documented.search(sample)) == is_idempotency_key(sample), sample
+
+
+def test_headers_are_documented_where_the_app_sends_them():
+    replayed = OPERATIONS[ORDERS]["responses"]["201"]["headers"]["Idempotent-Replayed"]
+    assert replayed["schema"] == {"const": "true"}
+    required = {401: "WWW-Authenticate", 405: "Allow", 503: "Retry-After"}
+    for source in [*OPERATIONS.values(), EVERY]:
+        for status, response in source["responses"].items():
+            if int(status) in required:
+                assert response["headers"][required[int(status)]]["required"] is True
+    assert "405" in EVERY["responses"]
+    for op in OPERATIONS.values():
+        # A route that reads a bearer token refuses a bad one.
+        assert not op.get("security") or "invalid-token" in op["x-problem-codes"]
+
+
+def assert_documented(key: tuple[str, str], response: httpx.Response) -> str | None:
+    """Fail unless the document describes this answer for ``key`` (any operation's problems
+    apply to every request); return its problem code, if it is a problem."""
+    op = OPERATIONS.get(key, {"x-problem-codes": [], "responses": {}})
+    status = response.status_code
+    code = None
+    if status < 400:
+        described = op["responses"].get(str(status))
+        assert described is not None, f"{key} answered an undocumented {status}"
+    else:
+        assert response.headers["content-type"] == PROBLEM_MEDIA_TYPE
+        body = response.json()
+        code = body["code"]
+        owner = op if code in op["x-problem-codes"] else EVERY
+        assert code in owner["x-problem-codes"], f"{key} answered an undocumented {code}"
+        assert PROBLEM_TYPES[code] == body["status"] == status
+        described = owner["responses"][str(status)]
+        members = DOC["components"]["schemas"]["Problem"]["properties"]
+        assert set(body) <= set(members), f"undocumented members {set(body) - set(members)}"
+    media = response.headers["content-type"].split(";")[0]
+    assert media in described["content"], f"{key} {status} answered {media}"
+    headers = {name.lower(): header for name, header in described.get("headers", {}).items()}
+    sent = set(response.headers) - ENTITY_HEADERS
+    assert sent <= set(headers), f"{key} {status} sent undocumented {sent - set(headers)}"
+    assert {name for name, header in headers.items() if header.get("required")} <= sent
+    return code
+
+
+class Driver:
+    """Sends requests to the app and keeps the problem codes each operation answered."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+        self.answered: dict[tuple[str, str], set[str]] = {}
+
+    async def __call__(
+        self, method: str, template: str, url: str, status: int, **kwargs: Any
+    ) -> httpx.Response:
+        response = await self.client.request(method, url, **kwargs)
+        assert response.status_code == status, (method, url, response.text)
+        code = assert_documented((method, template), response)
+        if code is not None:
+            key = (method, template) if (method, template) in OPERATIONS else ("", "")
+            self.answered.setdefault(key, set()).add(code)
+        return response
+
+
+@pytest.fixture
+async def drive(
+    settings: Settings, redis: Redis, db: asyncpg.Pool
+) -> AsyncIterator[tuple[Driver, Settings]]:
+    # A payment gateway nothing listens at: paying answers payment-unavailable.
+    configured = replace(
+        settings,
+        webhook_secret=SECRET,
+        admin_token=ADMIN,
+        stripe_api_key="sk_test_openapi",
+        stripe_api_base="http://127.0.0.1:1",
+    )
+    app = create_app(configured, redis)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            yield Driver(client), configured
+
+
+def shopper(settings: Settings, user: str = "alice", **headers: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {mint_token(settings, user)}", **headers}
+
+
+def signed(event: dict[str, Any]) -> dict[str, Any]:
+    body, header = signed_event(event, SECRET)
+    return {"content": body, "headers": {"Stripe-Signature": header}}
+
+
+def an_event(kind: str = "customer.created") -> dict[str, Any]:
+    created = int(time.time())
+    return {"id": f"evt_{created}", "type": kind, "created": created, "data": {"object": {}}}
+
+
+async def test_the_real_app_answers_only_what_is_documented(
+    drive: tuple[Driver, Settings], redis: Redis, redis_sale: SaleFactory
+):
+    send, settings = drive
+    sale = await redis_sale(stock=10, per_user_limit=2, per_order_max=2)
+    sale_path, orders = f"/v1/sales/{sale.id}", f"/v1/sales/{sale.id}/orders"
+    now_ms = int(time.time() * 1000)
+    closed = {
+        "sold-out": await redis_sale(stock=0),
+        "sale-not-started": await redis_sale(start_ms=now_ms + 10**8, end_ms=now_ms + 10**9),
+        "sale-ended": await redis_sale(start_ms=1, end_ms=2),
+        "sale-paused": await redis_sale(),
+    }
+    await inventory.set_status(redis, closed["sale-paused"].id, "paused")
+
+    await send("GET", "/v1/sales/{sale_id}", sale_path, 200)
+    await send("GET", "/v1/sales/{sale_id}", "/v1/sales/missing", 404)
+
+    def order(key: str | None, quantity: int = 1, **headers: str) -> dict[str, Any]:
+        keyed = {"Idempotency-Key": key} if key is not None else {}
+        return {"json": {"quantity": quantity}, "headers": shopper(settings, **keyed, **headers)}
+
+    place = ORDERS[1]
+    held = (await send("POST", place, orders, 201, **order("k1"))).json()
+    replay = await send("POST", place, orders, 201, **order("k1"))
+    assert replay.headers["idempotent-replayed"] == "true"
+    await send("POST", place, orders, 401, json={"quantity": 1}, headers={"Idempotency-Key": "k"})
+    await send("POST", place, orders, 400, **order(None))
+    await send("POST", place, orders, 400, **order("has space"))
+    await send("POST", place, orders, 422, **order("k1", 2))  # same key, another body
+    await send("POST", place, orders, 422, **order("k2", 3))  # over the sale's per_order_max
+    await send("POST", place, orders, 409, **order("k3", 2))  # over the shopper's limit
+    await send("POST", place, orders, 422, **order("k4", MAX_QUANTITY + 1))
+    for content_type, content, status in [
+        ("text/plain", b'{"quantity": 1}', 415),
+        ("application/json", b"{not json", 422),
+        ("application/json", b" " * 10_000, 413),
+    ]:
+        headers = shopper(settings, **{"Idempotency-Key": "k5", "Content-Type": content_type})
+        await send("POST", place, orders, status, content=content, headers=headers)
+    await send("POST", place, "/v1/sales/NOT_A_SALE/orders", 404, **order("k6"))
+    for code, refused in closed.items():
+        url = f"/v1/sales/{refused.id}/orders"
+        await send("POST", place, url, PROBLEM_TYPES[code], **order("k7"))
+
+    own, other = shopper(settings), shopper(settings, "mallory")
+    for method, template, ok in [
+        ("GET", "/v1/orders/{order_id}", 200),
+        ("POST", "/v1/orders/{order_id}/pay", 503),  # the gateway is down
+        ("POST", "/v1/orders/{order_id}/cancel", 200),
+    ]:
+        url = template.replace("{order_id}", held["id"])
+        await send(method, template, url, 401)
+        await send(method, template, url, 404, headers=other)
+        await send(method, template, template.replace("{order_id}", "nope"), 404, headers=own)
+        await send(method, template, url, ok, headers=own)
+    await send(
+        "POST", "/v1/orders/{order_id}/pay", f"/v1/orders/{held['id']}/pay", 409, headers=own
+    )
+    failed = (await send("POST", place, orders, 201, **order("k8"))).json()["id"]
+    await inventory.release(redis, sale.id, failed, "failed")
+    cancel = "/v1/orders/{order_id}/cancel"
+    await send("POST", cancel, f"/v1/orders/{failed}/cancel", 409, headers=own)
+
+    refund = "/v1/admin/orders/{order_id}/refund"
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    await send("POST", refund, f"/v1/admin/orders/{failed}/refund", 401, headers=own)
+    await send("POST", refund, "/v1/admin/orders/nope/refund", 404, headers=admin)
+    await send("POST", refund, f"/v1/admin/orders/{failed}/refund", 409, headers=admin)
+
+    hook = "/v1/webhooks/stripe"
+    await send("POST", hook, hook, 200, **signed(an_event()))
+    await send("POST", hook, hook, 400, content=orjson.dumps(an_event()))
+    await send("POST", hook, hook, 400, **signed({"hello": "world"}))
+    await send("POST", hook, hook, 413, content=b" " * (MAX_WEBHOOK_BYTES + 1))
+
+    for path in ("/health", "/ready", "/openapi.json", "/docs"):
+        await send("GET", path, path, 200)
+    await send("GET", "/nowhere", "/nowhere", 404)
+    await send("DELETE", "/health", "/health", 405)
+    await send("GET", place, orders, 405)
+
+    # Every code the document lists was answered (the stores' 503 in the next test).
+    for key, op in OPERATIONS.items():
+        answered = send.answered.get(key, set())
+        missing = set(op["x-problem-codes"]) - answered - NEEDS_A_CROWD_OR_AN_OUTAGE
+        assert not missing, f"{key} lists {missing} but never answered them here"
+    assert set(EVERY["x-problem-codes"]) - send.answered[("", "")] == UNPROVOKABLE
+
+
+async def test_with_its_stores_down_the_app_answers_what_is_documented(
+    settings: Settings, redis: Redis, db: asyncpg.Pool
+):
+    down = replace(
+        settings,
+        redis_url="redis://127.0.0.1:1/0",
+        database_url="postgresql://postgres@127.0.0.1:1/flashsale",
+        webhook_secret=SECRET,
+        admin_token=ADMIN,
+    )
+    app = create_app(down, redis)
+    dead = Redis.from_url(down.redis_url)
+    order = "s-down.0123456789abcdef"
+    requests: dict[tuple[str, str], dict[str, Any]] = {
+        ("GET", "/v1/sales/{sale_id}"): {},
+        ORDERS: {"json": {"quantity": 1}, "headers": shopper(settings, **{"Idempotency-Key": "k"})},
+        ("GET", "/v1/orders/{order_id}"): {"headers": shopper(settings)},
+        ("POST", "/v1/orders/{order_id}/cancel"): {"headers": shopper(settings)},
+        ("POST", "/v1/orders/{order_id}/pay"): {"headers": shopper(settings)},
+        ("POST", "/v1/webhooks/stripe"): signed(an_event("payment_intent.succeeded")),
+        ("POST", "/v1/admin/orders/{order_id}/refund"): {
+            "headers": {"Authorization": f"Bearer {ADMIN}"}
+        },
+        ("GET", "/health"): {},
+        ("GET", "/ready"): {},
+        ("GET", "/openapi.json"): {},
+        ("GET", "/docs"): {},
+    }
+    assert set(requests) == set(OPERATIONS)
+    async with app.router.lifespan_context(app):
+        app.state.services.redis = dead  # the shared client loses its Redis after start-up
+        # An error Starlette's routes did not expect is re-raised after its answer was sent.
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            for (method, template), kwargs in requests.items():
+                url = template.replace("{sale_id}", "s-down").replace("{order_id}", order)
+                response = await client.request(method, url, **kwargs)
+                code = assert_documented((method, template), response)
+                lists = "not-ready" in OPERATIONS[method, template]["x-problem-codes"]
+                assert code == ("not-ready" if lists else None), (template, response.text)
+    await dead.aclose()
+
+
+async def test_the_docs_page_is_html_that_reads_the_document(settings: Settings, redis: Redis):
+    app = create_app(settings, redis)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            response = await client.get("/docs")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "text/html; charset=utf-8"
+    page = response.text
+    assert page.lstrip().lower().startswith("<!doctype html>") and '"/openapi.json"' in page
+    # Self-contained: nothing is loaded from anywhere but this server.
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    assert not re.search(r"@import|<link\b", page)
+    # It reads the parts of the document this project adds to OpenAPI.
+    assert "x-problem-codes" in page and "x-every-request" in page
