@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import time
@@ -39,7 +40,7 @@ from engine.sales import create_sale
 from engine.settings import Settings
 from localrun import servers
 from localrun.demo import start_process, stop_process, wait_ready
-from tests.conftest import sale_definition
+from tests.conftest import ROOT, sale_definition
 
 pytestmark = pytest.mark.slow
 
@@ -393,16 +394,20 @@ async def test_redis_stopped_under_load_every_order_is_answered_in_time(
 
 
 @pytest.fixture
-def own_postgres(tmp_path: Path) -> Iterator[servers.PostgresServer]:
+def own_postgres() -> Iterator[servers.PostgresServer]:
     """A Postgres of the test's own, to stop and start again. Name it before ``stack``, like
-    ``fresh_database``."""
-    postgres = servers.start_postgres(tmp_path / "own")
+    ``fresh_database``. Its folder is in the checkout, not in tmp_path: the user postgres must
+    traverse every parent, and another pytest session starting meanwhile makes
+    /tmp/pytest-of-USER private again."""
+    folder = ROOT / ".flashsale" / f"faults-{secrets.token_hex(4)}"
+    postgres = servers.start_postgres(folder)
     yield postgres
     postgres.stop()
+    shutil.rmtree(folder)
 
 
 async def test_postgres_stopped_under_load_the_worker_catches_up(
-    own_postgres: servers.PostgresServer, stack: StackFactory, tmp_path: Path
+    own_postgres: servers.PostgresServer, stack: StackFactory
 ) -> None:
     """Postgres away for 30 s while orders keep coming: orders never need it, the worker stays
     up (same process), reports the outage once per job that needs Postgres, and fills the
@@ -415,7 +420,7 @@ async def test_postgres_stopped_under_load_the_worker_catches_up(
         await asyncio.sleep(30)
         # The same folder and port: what the worker's pool connects to.
         restarted = await asyncio.to_thread(
-            servers.start_postgres, tmp_path / "own", own_postgres.port
+            servers.start_postgres, own_postgres.dir.parent, own_postgres.port
         )
         assert restarted.port == own_postgres.port
 
