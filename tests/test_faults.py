@@ -321,46 +321,30 @@ def _gone(server: servers.RedisServer, pid: int) -> Callable[[], Awaitable[bool]
     return gone
 
 
-async def test_redis_shut_down_under_load_and_restarted(
-    fresh_database: str, stack: StackFactory
+@pytest.mark.parametrize("end", ["SHUTDOWN", "SIGKILL"])
+async def test_redis_ended_under_load_and_restarted(
+    end: str, fresh_database: str, stack: StackFactory
 ) -> None:
-    """SHUTDOWN writes the AOF and exits; Redis comes back on the same port a second later."""
+    """Redis ends under load and comes back on the same port and folder a second later.
+    SHUTDOWN writes the AOF on the way out; SIGKILL writes nothing, but with appendfsync always
+    every write that was answered is on disk already."""
     stack_ = await stack(fresh_database)
-    worker_pid = stack_.worker.pid
 
-    async def shutdown_and_restart() -> None:
+    async def end_and_restart() -> None:
         pid = stack_.redis_server.pid()
         assert pid is not None
-        with contextlib.suppress(OSError):  # it closes the connection instead of answering
-            stack_.redis_server.call("SHUTDOWN")
-        await _wait_for("Redis still runs", _gone(stack_.redis_server, pid), 10)
+        if end == "SIGKILL":
+            os.kill(pid, signal.SIGKILL)
+        else:
+            with contextlib.suppress(OSError):  # it closes the connection instead of answering
+                stack_.redis_server.call("SHUTDOWN")
+        await _wait_for(f"Redis survived {end}", _gone(stack_.redis_server, pid), 10)
         await asyncio.sleep(1)
         await stack_.restart_redis()
 
-    shoppers, restarted = await _under_load(stack_, 100, 2, shutdown_and_restart, 3)
-    assert stack_.worker.pid == worker_pid
-    assert any(a.status == 503 for a in shoppers.answers), "the fault was not seen"
-    assert any(a.status == 201 and a.sent > restarted for a in shoppers.answers)
-    await _checked(stack_, shoppers)
-    _outage_logged_once(stack_)
-
-
-async def test_redis_killed_under_load_and_restarted(
-    fresh_database: str, stack: StackFactory
-) -> None:
-    """SIGKILL: nothing is flushed on the way out, but with appendfsync always every write that
-    was answered is already on disk."""
-    stack_ = await stack(fresh_database)
-
-    async def kill_and_restart() -> None:
-        pid = stack_.redis_server.pid()
-        assert pid is not None
-        os.kill(pid, signal.SIGKILL)
-        await _wait_for("Redis survived SIGKILL", _gone(stack_.redis_server, pid), 10)
-        await asyncio.sleep(1)
-        await stack_.restart_redis()
-
-    shoppers, restarted = await _under_load(stack_, 100, 2, kill_and_restart, 3)
+    shoppers, restarted = await _under_load(stack_, 100, 2, end_and_restart, 3)
+    # The process started before the fault, never restarted by anyone: it recovered itself.
+    assert stack_.worker.poll() is None
     assert any(a.status == 503 for a in shoppers.answers), "the fault was not seen"
     assert any(a.status == 201 and a.sent > restarted for a in shoppers.answers)
     await _checked(stack_, shoppers)
@@ -413,7 +397,6 @@ async def test_postgres_stopped_under_load_the_worker_catches_up(
     up (same process), reports the outage once per job that needs Postgres, and fills the
     ledger in once it is back."""
     stack_ = await stack(own_postgres.dsn)
-    worker_pid = stack_.worker.pid
 
     async def stop_for_30_s() -> None:
         await asyncio.to_thread(own_postgres.stop)
@@ -425,7 +408,8 @@ async def test_postgres_stopped_under_load_the_worker_catches_up(
         assert restarted.port == own_postgres.port
 
     shoppers, _ = await _under_load(stack_, 50, 2, stop_for_30_s, 2)
-    assert stack_.worker.pid == worker_pid
+    # The process started before the fault, never restarted by anyone: it recovered itself.
+    assert stack_.worker.poll() is None
     await _checked(stack_, shoppers)
     records, text = _worker_log(stack_)
     outages = Counter(
@@ -440,5 +424,6 @@ async def test_postgres_stopped_under_load_the_worker_catches_up(
     ended = {job for event, job in outages if event == "outage.end"}
     assert "job drain_outboxes" in ended
     assert ended <= began
-    assert began - ended <= {"job reconcile_sales"}  # once a minute: its next run ends it
+    # Every 10 s and every minute: their next run, maybe after this look, ends their outage.
+    assert began - ended <= {"job webhook_retries", "job reconcile_sales"}
     assert text.count("Traceback (most recent call last)") <= 5, text[-5000:]
