@@ -203,10 +203,10 @@ class MockGateway:
         self, order_id: str, sale_id: str, amount: int, currency: str
     ) -> Intent:
         intent_id = "mock_pi_" + secrets.token_hex(8)
-        # SET NX is the idempotency key: whoever comes second gets the first one's intent.
-        key = mock_idempotency(INTENT_KEY.format(order_id=order_id))
-        if not await self._redis.set(key, intent_id, nx=True, ex=86_400):
-            return await self._read(await self._redis.get(key))
+        # The intent first, then the idempotency key that names it: whatever stops this between
+        # the two writes (a Redis killed, a worker killed, a lost connection), no key ever names
+        # an intent that does not exist. Key first, such a key made every later try for the
+        # order "no such payment intent" for the key's 24 h.
         await self._redis.hset(
             mock_intent(intent_id),
             mapping={
@@ -218,6 +218,12 @@ class MockGateway:
                 "sale_id": sale_id,
             },
         )
+        # SET NX is the idempotency key: whoever comes second gets the first one's intent, and
+        # its own, never handed out, goes.
+        key = mock_idempotency(INTENT_KEY.format(order_id=order_id))
+        if not await self._redis.set(key, intent_id, nx=True, ex=86_400):
+            await self._redis.delete(mock_intent(intent_id))
+            return await self._read(await self._redis.get(key))
         return await self._read(intent_id)
 
     async def retrieve_intent(self, intent_id: str) -> Intent:
