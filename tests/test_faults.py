@@ -7,7 +7,8 @@ ledger on every order answered 201 (same state, same version), its counters must
 no shopper or sale may hold more than allowed. The worker that lived through the fault (same
 process) catches up by itself; nothing is restarted by hand but the failed service.
 
-A worker SIGKILLed mid-drain is tests/test_workers.py::test_sigkill_mid_drain_loses_and_...
+A worker SIGKILLed mid-drain is
+tests/test_workers.py::test_sigkill_mid_drain_loses_and_duplicates_nothing.
 """
 
 from __future__ import annotations
@@ -136,7 +137,6 @@ class Shoppers:
 class Stack:
     settings: Settings
     redis_server: servers.RedisServer
-    redis_dir: Path
     sale: SaleDefinition
     server: subprocess.Popen[bytes]
     worker: subprocess.Popen[bytes]
@@ -153,10 +153,9 @@ class Stack:
     async def restart_redis(self) -> None:
         """Start Redis again on its port and folder, from its AOF (in a thread: the shoppers'
         loop keeps going meanwhile)."""
-        port = self.redis_server.port
-        self.redis_server = await asyncio.to_thread(
-            servers.start_redis, self.redis_dir, port, "always"
-        )
+        same = self.redis_server
+        again = await asyncio.to_thread(servers.start_redis, same.dir.parent, same.port, "always")
+        assert again == same  # so the fixture's clean-up stops this one
 
 
 StackFactory = Callable[[str], Awaitable[Stack]]
@@ -169,15 +168,22 @@ async def _wait_for(what: str, ready: Callable[[], Awaitable[bool]], timeout_s: 
         await asyncio.sleep(0.1)
 
 
+def _stop_redis(server: servers.RedisServer) -> None:
+    if (pid := server.pid()) is not None:
+        os.kill(pid, signal.SIGCONT)  # a stopped Redis cannot shut down
+    server.stop()
+
+
 @pytest.fixture
 async def stack(settings: Settings, tmp_path: Path) -> AsyncIterator[StackFactory]:
     """Makes the stack on a database given by DSN: its own Redis, the sale, a server and a
     worker; stops all of it afterwards, a stopped Redis included."""
-    made: list[Stack] = []
+    cleanups: list[Callable[[], None]] = []
 
     async def make(database_url: str) -> Stack:
         await migrate(database_url)
         redis_server = await asyncio.to_thread(servers.start_redis, tmp_path, None, "always")
+        cleanups.append(lambda: _stop_redis(redis_server))
         own = replace(
             settings,
             redis_url=redis_server.url,
@@ -186,38 +192,32 @@ async def stack(settings: Settings, tmp_path: Path) -> AsyncIterator[StackFactor
             redis_deadline_ms=DEADLINE_MS,
             log_format="json",
         )
+        sale = sale_definition(stock=STOCK, per_user_limit=LIMIT, per_order_max=LIMIT)
         redis = connect_redis(own, pool_size=4)
         db = await connect_postgres(own, max_size=2)
         try:
-            sale = sale_definition(stock=STOCK, per_user_limit=LIMIT, per_order_max=LIMIT)
             await create_sale(db, redis, sale)
-            users = [f"shopper-{i}" for i in range(SHOPPERS)]
-            tokens = dict(zip(users, mint_tokens(own, users), strict=True))
             server = start_process(["serve"], own, tmp_path / "server.log")
+            cleanups.append(lambda: stop_process(server))
             worker = start_process(["worker"], own, tmp_path / "worker.log")
-            built = Stack(
-                own, redis_server, tmp_path, sale, server, worker, tmp_path / "worker.log", tokens
-            )
-            made.append(built)
-            await wait_ready(built.base_url)
+            cleanups.append(lambda: stop_process(worker))
+            await wait_ready(f"http://{own.host}:{own.port}")
 
             async def worker_ran() -> bool:
-                assert worker.poll() is None, built.worker_log.read_text()
+                assert worker.poll() is None, (tmp_path / "worker.log").read_text()
                 return bool(await redis.hget(WORKER_HEARTBEATS, "drain_outboxes"))
 
             await _wait_for("the worker has not drained once", worker_ran, 30)
         finally:
             await redis.aclose()
             await db.close()
-        return built
+        users = [f"shopper-{i}" for i in range(SHOPPERS)]
+        tokens = dict(zip(users, mint_tokens(own, users), strict=True))
+        return Stack(own, redis_server, sale, server, worker, tmp_path / "worker.log", tokens)
 
     yield make
-    for built in made:
-        for proc in (built.server, built.worker):
-            stop_process(proc)
-        if (pid := built.redis_server.pid()) is not None:
-            os.kill(pid, signal.SIGCONT)
-        built.redis_server.stop()
+    for cleanup in reversed(cleanups):  # the worker first, Redis last
+        cleanup()
 
 
 @pytest.fixture
