@@ -32,7 +32,7 @@ async def ensure_intent(
         raise Unavailable(
             "payment-unavailable",
             f"the payment gateway is busy: {exc}",
-            headers={"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))},
+            retry_after_s=max(1, math.ceil(exc.retry_after_s)),
         ) from None
     except GatewayUnavailable as exc:
         raise Unavailable(

@@ -1,7 +1,11 @@
 """The promises of a sale, checked against what Redis and Postgres actually hold.
 
-Used by the demo, the benchmark, the tests and operators. Call it once the outbox is drained
-(``wait_for_ledger``): while a drain is in flight the ledger legitimately trails Redis.
+Used by the demo, the benchmark, the tests and operators. Call ``audit_sale`` once the outbox is
+drained (``wait_for_ledger``): while a drain is in flight the ledger legitimately trails Redis.
+
+``redis_snapshot`` reads a sale's counters and the orders it is given in one script call, so
+they come from one instant even while orders and workers keep writing; ``ledger_agrees`` waits
+until such a snapshot stands still with the outbox empty and compares it with the ledger.
 """
 
 from __future__ import annotations
@@ -9,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -17,8 +22,27 @@ from redis.asyncio import Redis
 from engine.inventory import read_sale
 from engine.keys import sale_keys
 from engine.ledger import ledger_orders
+from engine.scripts import SCRIPTS, Code
 
-__all__ = ["SaleAudit", "audit_sale", "outbox_backlog", "redis_orders", "wait_for_ledger"]
+__all__ = [
+    "LedgerOrders",
+    "OrderSnapshot",
+    "SaleAudit",
+    "SaleSnapshot",
+    "audit_sale",
+    "counter_violations",
+    "ledger_agrees",
+    "outbox_backlog",
+    "redis_orders",
+    "redis_snapshot",
+    "snapshot_violations",
+    "wait_for_ledger",
+]
+
+_snapshot = SCRIPTS["snapshot"]
+
+# What ``ledger_orders`` returns: order id -> (state, version, user, quantity).
+LedgerOrders = dict[str, tuple[str, int, str, int]]
 
 LIVE_STATES = ("reserved", "paid")
 
@@ -165,3 +189,145 @@ async def audit_sale(
     if stale:
         bad(f"{len(stale)} ledger orders disagree with Redis on state/version, e.g. {stale[:3]}")
     return audit
+
+
+@dataclass(frozen=True, slots=True)
+class OrderSnapshot:
+    state: str
+    version: int
+    quantity: int
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
+class SaleSnapshot:
+    """A sale's counters and the orders asked for, as the ``snapshot`` script read them at one
+    instant."""
+
+    sale_id: str
+    available: int
+    held: int
+    sold: int
+    withdrawn: int
+    initial: int
+    outbox_length: int  # entries the ledger has not committed (acknowledged ones are deleted)
+    orders: dict[str, OrderSnapshot]  # the listed orders Redis has
+    absent: frozenset[str]  # listed ids Redis has no order for
+
+
+async def redis_snapshot(
+    redis: Redis, sale_id: str, order_ids: Iterable[str]
+) -> SaleSnapshot | None:
+    """The sale's counters and every order of ``order_ids``, in one script call; None when the
+    sale is not in Redis. Redis does nothing else while it reads every listed order: for
+    audits, never for the order path."""
+    keys = sale_keys(sale_id)
+    ids = sorted(set(order_ids))
+    reply = await _snapshot(
+        redis, [keys.sale, keys.stock, keys.outbox, *(keys.order(oid) for oid in ids)], []
+    )
+    if Code(reply[0]) is Code.SALE_NOT_FOUND:
+        return None
+    available, held, sold, withdrawn, initial, outbox_length = reply[1:7]
+    orders = {
+        oid: OrderSnapshot(state=o[1], version=o[2], quantity=o[3], user=o[4])
+        for oid, o in zip(ids, reply[7:], strict=True)
+        if o is not None
+    }
+    return SaleSnapshot(
+        sale_id=sale_id,
+        available=available,
+        held=held,
+        sold=sold,
+        withdrawn=withdrawn,
+        initial=initial,
+        outbox_length=outbox_length,
+        orders=orders,
+        absent=frozenset(ids) - orders.keys(),
+    )
+
+
+def snapshot_violations(snapshot: SaleSnapshot, ledger: LedgerOrders) -> list[str]:
+    """How ``snapshot`` and the ledger disagree, and which counter rules it breaks.
+
+    The counter rules hold only for a snapshot of every order of the sale. It is one when its
+    outbox was empty (every order Redis has reached the ledger) and it listed every ledger
+    order: the first two checks say when it was not.
+    """
+    bad: list[str] = []
+    if snapshot.outbox_length:
+        bad.append(f"{snapshot.outbox_length} outbox entries are not in the ledger yet")
+    if unlisted := ledger.keys() - snapshot.orders.keys() - snapshot.absent:
+        bad.append(f"{len(unlisted)} ledger orders were not in the snapshot, e.g. {min(unlisted)}")
+    if snapshot.absent:
+        bad.append(
+            f"{len(snapshot.absent)} listed orders are missing from Redis,"
+            f" e.g. {min(snapshot.absent)}"
+        )
+    if missing := snapshot.orders.keys() - ledger.keys():
+        bad.append(f"{len(missing)} orders in Redis are not in the ledger, e.g. {min(missing)}")
+    differ = sorted(
+        oid
+        for oid, o in snapshot.orders.items()
+        if oid in ledger and ledger[oid] != (o.state, o.version, o.user, o.quantity)
+    )
+    if differ:
+        oid = differ[0]
+        bad.append(
+            f"{len(differ)} ledger orders disagree with Redis, e.g. {oid}:"
+            f" ledger {ledger[oid]}, Redis {snapshot.orders[oid]}"
+        )
+    return bad + counter_violations(snapshot)
+
+
+def counter_violations(s: SaleSnapshot) -> list[str]:
+    """The counter rules a snapshot of every order of its sale breaks: no negative stock,
+    available + held + sold + withdrawn = initial, held and sold = the units of the orders in
+    reserved and in paid."""
+    bad: list[str] = []
+    if s.available < 0:
+        bad.append(f"stock is negative: {s.available}")
+    if s.available + s.held + s.sold + s.withdrawn != s.initial:
+        bad.append(
+            f"available {s.available} + held {s.held} + sold {s.sold}"
+            f" + withdrawn {s.withdrawn} != initial {s.initial}"
+        )
+    units = Counter[str]()
+    for o in s.orders.values():
+        units[o.state] += o.quantity
+    if units["reserved"] != s.held:
+        bad.append(f"orders in 'reserved' hold {units['reserved']} units, held says {s.held}")
+    if units["paid"] != s.sold:
+        bad.append(f"orders in 'paid' hold {units['paid']} units, sold says {s.sold}")
+    return bad
+
+
+async def ledger_agrees(
+    redis: Redis, db: asyncpg.Pool, sale_id: str, accepted: Iterable[str], timeout_s: float = 60
+) -> tuple[SaleSnapshot, list[str]]:
+    """A snapshot of every order in ``accepted`` (answered 201) or in the ledger, taken once the
+    ledger has caught up, and its ``snapshot_violations``.
+
+    Workers keep changing orders (an intent attached raises a version), so a snapshot and a
+    later read of the ledger can differ only because an order moved in between. The comparison
+    is made only when two snapshots around the ledger read are equal with an empty outbox:
+    versions only grow, so nothing changed in between, and the ledger read has every change up
+    to the first. Raises TimeoutError when the sale never stands still for that long, and
+    LookupError when Redis has no such sale.
+    """
+    wanted = set(accepted)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        before = await redis_snapshot(redis, sale_id, wanted)
+        if before is None:
+            raise LookupError(f"sale {sale_id} is not in Redis")
+        if not before.outbox_length:
+            ledger = await ledger_orders(db, sale_id)
+            if ledger.keys() <= wanted:
+                after = await redis_snapshot(redis, sale_id, wanted)
+                if after == before:
+                    return before, snapshot_violations(before, ledger)
+            wanted |= ledger.keys()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"sale {sale_id} did not stand still for {timeout_s:.0f} s")
+        await asyncio.sleep(0.05)

@@ -17,6 +17,7 @@ import httpx
 import pytest
 import stripe
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from engine import inventory
 from engine.checkout import ensure_intent
@@ -356,6 +357,43 @@ async def test_worker_killed_between_the_gateway_and_redis(
     order = await inventory.read_order(redis, sale.id, hold.order_id)
     assert (order["state"], order["refund"]) == ("refunded", refund_id)
     assert await redis.get(sale_keys(sale.id).stock) == str(sale.stock)
+
+
+async def test_mock_gateway_cut_off_between_its_writes_still_makes_the_intent(
+    redis: Redis, redis_sale: SaleFactory, monkeypatch: pytest.MonkeyPatch
+):
+    """Redis lost right after the first of create_intent's two writes (killed, or the
+    connection dropped): the next try for the order still gets an intent, and racing tries get
+    one and the same, with no other left behind."""
+    sale = await redis_sale()
+    mock = MockGateway(redis)
+    order_id = f"{sale.id}.00000000000000aa"
+    writes: list[str] = []
+    for name in ("set", "hset"):
+        write = getattr(redis, name)
+
+        async def cut_off(*args: Any, _write: Any = write, _name: str = name, **kw: Any) -> Any:
+            writes.append(_name)
+            if len(writes) == 2:
+                raise RedisConnectionError("Connection reset by peer")
+            return await _write(*args, **kw)
+
+        monkeypatch.setattr(redis, name, cut_off)
+    with pytest.raises(RedisConnectionError):
+        await mock.create_intent(order_id, sale.id, 1500, "usd")
+    monkeypatch.undo()
+
+    intent = await mock.create_intent(order_id, sale.id, 1500, "usd")
+    assert (intent.order_id, intent.amount) == (order_id, 1500)
+    other = f"{sale.id}.00000000000000bb"
+    racing = await asyncio.gather(
+        *(mock.create_intent(other, sale.id, 3000, "usd") for _ in range(20))
+    )
+    assert len({i.id for i in racing}) == 1
+    intents = [key async for key in redis.scan_iter(match="fs:mock-gateway:pi:*")]
+    # The two handed out, and at most the one whose key the cut-off kept from being written.
+    assert {f"fs:mock-gateway:pi:{i}" for i in (intent.id, racing[0].id)} <= set(intents)
+    assert len(intents) <= 3
 
 
 async def test_admin_refund_route_and_cli(

@@ -17,7 +17,7 @@ from redis.asyncio import Redis
 
 from engine import inventory
 from engine.errors import Conflict
-from engine.invariants import audit_sale, outbox_backlog, wait_for_ledger
+from engine.invariants import audit_sale, ledger_agrees, outbox_backlog, wait_for_ledger
 from engine.keys import LIVE_SALES, OUTBOX_GROUP, sale_keys
 from engine.ledger import OrderChange, entry_changes, write_changes
 from engine.mockgateway import MockGateway
@@ -247,6 +247,10 @@ async def test_sigkill_mid_drain_loses_and_duplicates_nothing(
     audit = await audit_sale(redis, db, sale.id, accepted)
     assert audit.ok, audit.violations
     assert audit.orders_in_ledger == total
+    # The same, from one atomic read of Redis: counters and every order as of one instant.
+    snapshot, violations = await ledger_agrees(redis, db, sale.id, accepted, timeout_s=10)
+    assert violations == []
+    assert snapshot.orders.keys() == accepted
     # Every version of every order recorded exactly once: none missing, none twice.
     gaps = await db.fetchval(
         "SELECT count(*) FROM orders o WHERE o.version <> "

@@ -3,7 +3,8 @@ the walk over a work index in bounded passes.
 
 ``startup`` and ``shutdown`` are the arq hooks ``WorkerSettings`` names; every job reads its
 clients from ``ctx`` (``store`` the Redis of the sales, ``db`` the ledger's pool, ``gateway`` the
-payment gateway, ``consumer`` this process's name in the outbox consumer groups).
+payment gateway, ``consumer`` this process's name in the outbox consumer groups, ``health``
+the ``WorkerHealth`` every job records into).
 
 A work index is a sorted set per sale that holds only the orders needing one kind of work,
 scored by when the work is due (ms, Redis's clock); the script that makes the work adds the
@@ -30,6 +31,7 @@ from engine.payments import make_gateway
 from engine.sales import live_sale_ids
 from engine.scripts import load_scripts
 from engine.settings import Settings
+from workers.heartbeats import HEALTH, STORES_LOST, WorkerHealth
 
 __all__ = [
     "BATCH",
@@ -69,6 +71,9 @@ class Pass:
 
 async def startup(ctx: dict[str, Any]) -> None:
     """Make the clients every job uses and load the Lua scripts."""
+    # Here, in the worker's own ctx, before any job: each job gets a copy (an arq worker run
+    # without workers.runner, which passes in its own).
+    ctx.setdefault(HEALTH, WorkerHealth())
     settings = Settings.from_env()
     ctx["settings"] = settings
     # ctx["redis"] is arq's own connection; ours is ctx["store"]. A stalled Redis fails a call
@@ -80,8 +85,12 @@ async def startup(ctx: dict[str, Any]) -> None:
     ctx["consumer"] = f"{socket.gethostname()}-{os.getpid()}"
     # Jobs take only the gateway slots close at hand: the further ones are the shoppers'.
     ctx["gateway"] = make_gateway(settings, ctx["store"], max_wait_s=BACKGROUND_MAX_WAIT_S)
-    ctx["db"] = await connect_postgres(settings, min_size=1, max_size=4)
-    ctx["drain_db"] = await connect_postgres(settings, min_size=1, max_size=2)
+    # No floor of idle connections: while Postgres is away asyncpg would keep restoring one per
+    # pool in the background, logging a traceback at each try (1 s doubling to 60 s), beside
+    # the outage the failing jobs already report once. The jobs run every second, so their
+    # connections stay open anyway.
+    ctx["db"] = await connect_postgres(settings, min_size=0, max_size=4)
+    ctx["drain_db"] = await connect_postgres(settings, min_size=0, max_size=2)
     await load_scripts(ctx["store"])
 
 
@@ -144,6 +153,10 @@ async def each_sale(ctx: dict[str, Any], job: str, work: Callable[[str], Awaitab
     for sale_id in await live_sale_ids(ctx["store"]):
         try:
             total += await work(sale_id)
+        except STORES_LOST:
+            # Not this sale's failure: the job fails as a whole, which reports the outage once
+            # (workers.heartbeats), where each sale would log a traceback every tick.
+            raise
         except Exception:
             log.exception("%s failed for sale %s; retrying next tick", job, sale_id)
     return total

@@ -12,21 +12,62 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
+import asyncpg
 from arq.typing import WorkerCoroutine
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine.keys import WORKER_HEARTBEATS
 from engine.logs import Outage
 
-__all__ = ["JobReport", "overdue_after_s", "read_heartbeats", "recorded"]
+__all__ = [
+    "HEALTH",
+    "REDIS_LOST",
+    "STORES_LOST",
+    "JobReport",
+    "WorkerHealth",
+    "overdue_after_s",
+    "read_heartbeats",
+    "recorded",
+]
 
 log = logging.getLogger("flashsale.worker")
 
 Job = Callable[[dict[str, Any]], Awaitable[int]]
+
+# The ctx key of the WorkerHealth every job records into.
+HEALTH = "health"
+# Redis is away (refused, reset, still loading its AOF, silent): not a fault of the job.
+REDIS_LOST = (RedisConnectionError, RedisTimeoutError)
+# Redis or Postgres is away: not a fault of the sale a job was working on.
+STORES_LOST = (*REDIS_LOST, OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
+
+
+@dataclass
+class WorkerHealth:
+    """What the jobs record and the runner reads, kept for the life of the process.
+
+    It must be in the arq worker's ctx before any job runs (the runner passes it in,
+    ``workers.context.startup`` adds one otherwise): arq runs each job with a shallow copy of
+    that ctx, so a key a job adds itself is gone when the job ends, while an object already
+    there is shared. The runner keeps the same one across its restarts of arq, so an outage
+    that began under one arq worker ends under the next.
+    """
+
+    # Redis or Postgres away for the whole worker: arq's loop died of it, or a job lost Redis.
+    stores: Outage = field(default_factory=lambda: Outage("worker's stores", log))
+    jobs: dict[str, Outage] = field(default_factory=dict)  # a job failing on its own
+    ran: dict[str, float] = field(default_factory=dict)  # job -> monotonic end of its last run
+
+    def job(self, name: str) -> Outage:
+        if name not in self.jobs:
+            self.jobs[name] = Outage(f"job {name}", log)
+        return self.jobs[name]
 
 
 def overdue_after_s(period_s: float) -> float:
@@ -41,26 +82,38 @@ def recorded(job: Job) -> WorkerCoroutine:
     A run that did something is logged at info, every run at debug. A failing job is an outage
     of that job: logged once with its traceback when it starts failing and once when it works
     again, not every tick (a lost Postgres fails the drain every second), and the failure is
-    not re-raised, so arq does not log the same traceback again. Every finished run, failed or
-    not, is noted in ``ctx["ran"]`` (the runner's watchdog reads it: a loop that runs jobs is
-    alive); a successful one also in ``WORKER_HEARTBEATS`` (``flashsale worker --check``).
+    not re-raised, so arq does not log the same traceback again. A job that lost Redis is part
+    of the outage of the worker's stores instead, which the runner reports too when arq's own
+    loop dies of the same loss: one outage, not one per job plus the runner's. Every finished
+    run, failed or not, is noted in ``WorkerHealth.ran`` (the runner's watchdog reads it: a
+    loop that runs jobs is alive); a successful one also in ``WORKER_HEARTBEATS`` (``flashsale
+    worker --check``).
     """
     name = job.__name__
 
     @functools.wraps(job)
     async def run(ctx: dict[Any, Any], *args: Any, **kwargs: Any) -> int:
-        outage: Outage = ctx.setdefault("outages", {}).setdefault(name, Outage(f"job {name}", log))
+        # A ctx made without startup (a job called directly) gets one of its own.
+        health: WorkerHealth = ctx.setdefault(HEALTH, WorkerHealth())
+        outage = health.job(name)
         started = time.monotonic()
         try:
             done = await job(ctx)
+        except REDIS_LOST as exc:
+            health.stores.failed(exc)
+            return 0
         except Exception as exc:
             if outage.since is None:
                 log.error("job %s failed", name, exc_info=exc, extra={"job": name})
             outage.failed(exc)
             return 0
         finally:
-            ctx.setdefault("ran", {})[name] = time.monotonic()
+            health.ran[name] = time.monotonic()
         outage.recovered()
+        # Every job reads the live sales from Redis, after a startup that reached Postgres: one
+        # that completed means the worker is back, and the outage ends now, not at the next
+        # look of the watchdog.
+        health.stores.recovered()
         seconds = round(time.monotonic() - started, 3)
         level = logging.INFO if done else logging.DEBUG
         fields = {"job": name, "done": done, "seconds": seconds}

@@ -31,7 +31,7 @@ from arq.connections import RedisSettings
 from arq.worker import Worker, create_worker
 from redis.exceptions import RedisError
 
-from engine.logs import Outage
+from workers.heartbeats import HEALTH, WorkerHealth
 
 __all__ = ["RETRYABLE", "STALL_S", "run"]
 
@@ -64,19 +64,17 @@ async def _stop(worker: Worker) -> None:
     if worker.on_shutdown is not None and "store" in worker.ctx:
         await _bounded(worker.on_shutdown(worker.ctx), "closing the clients")
     if worker._pool is not None:
-        await _bounded(worker._pool.close(close_connection_pool=True), "closing arq's pool")
+        # aclose: close() is deprecated since redis 5.0.1 and warns on every restart.
+        await _bounded(worker._pool.aclose(close_connection_pool=True), "closing arq's pool")
         worker._pool = None
 
 
-async def _watch(worker: Worker, started: float, stall_s: float, outage: Outage) -> None:
-    """Return when no job of ``worker`` has finished, well or not, for ``stall_s``. The first
-    finished job after a restart ends the outage."""
+async def _watch(health: WorkerHealth, started: float, stall_s: float) -> None:
+    """Return when no job has finished, well or not, for ``stall_s`` since ``started``."""
     while True:
         await asyncio.sleep(min(stall_s / 6, 5.0))
-        ran: dict[str, float] = worker.ctx.get("ran", {})
-        last = max(ran.values(), default=started)
-        if ran:
-            outage.recovered()
+        # Runs before this arq worker started say nothing about its loop.
+        last = max([started, *health.ran.values()])
         if time.monotonic() - last > stall_s:
             return
 
@@ -90,17 +88,23 @@ async def run(
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stopping.set)
-    outage = Outage("worker's stores", log)
+    # One for the process: the jobs of every arq worker it starts record into it.
+    health = WorkerHealth()
+    outage = health.stores
     backoff = BACKOFF_MIN_S
     try:
         while not stopping.is_set():
             worker = create_worker(
-                settings_cls, redis_settings=redis_settings, handle_signals=False, **overrides
+                settings_cls,
+                redis_settings=redis_settings,
+                handle_signals=False,
+                ctx={HEALTH: health},
+                **overrides,
             )
             started = time.monotonic()
             main = asyncio.ensure_future(worker.main())
             stop = asyncio.ensure_future(stopping.wait())
-            watchdog = asyncio.ensure_future(_watch(worker, started, stall_s, outage))
+            watchdog = asyncio.ensure_future(_watch(health, started, stall_s))
             await asyncio.wait({main, stop, watchdog}, return_when=asyncio.FIRST_COMPLETED)
             for waiter in (stop, watchdog):
                 waiter.cancel()
