@@ -9,6 +9,7 @@ code, so documentation can link to it, and ``title`` is the reason phrase of the
     ├── Unauthorized (401)          invalid-token
     ├── NotFound (404)              sale-not-found, order-not-found, not-found
     ├── MethodNotAllowed (405)      method-not-allowed
+    ├── RequestTimeout (408)        request-timeout
     ├── SaleClosed                  sale-not-started (425), sale-paused (403), sale-ended (410)
     ├── Conflict (409)              sold-out, limit-exceeded, order-not-cancellable,
     │                               order-not-payable, order-not-refundable,
@@ -17,6 +18,7 @@ code, so documentation can link to it, and ``title`` is the reason phrase of the
     ├── UnsupportedMediaType (415)  unsupported-media-type
     ├── Unprocessable (422)         invalid-body, invalid-quantity, quantity-exceeds-maximum,
     │                               idempotency-key-reused, invalid-sale*
+    ├── RequestHeadersTooLarge (431) headers-too-large
     └── Unavailable (503)           not-ready, server-busy, payment-unavailable
 
     * only the operator's CLI meets these: no HTTP route creates a sale or moves its status.
@@ -44,6 +46,8 @@ __all__ = [
     "NotFound",
     "PayloadTooLarge",
     "ProblemError",
+    "RequestHeadersTooLarge",
+    "RequestTimeout",
     "SaleClosed",
     "Unauthorized",
     "Unavailable",
@@ -135,6 +139,10 @@ class Conflict(ProblemError):
     status = 409
 
 
+class RequestTimeout(ProblemError):
+    status = 408
+
+
 class PayloadTooLarge(ProblemError):
     status = 413
 
@@ -145,6 +153,10 @@ class UnsupportedMediaType(ProblemError):
 
 class Unprocessable(ProblemError):
     status = 422
+
+
+class RequestHeadersTooLarge(ProblemError):
+    status = 431
 
 
 class Unavailable(ProblemError):
@@ -169,6 +181,7 @@ PROBLEM_TYPES: dict[str, int] = {
     "order-not-found": 404,
     "not-found": 404,
     "method-not-allowed": 405,
+    "request-timeout": 408,
     "sold-out": 409,
     "limit-exceeded": 409,
     "order-not-cancellable": 409,
@@ -185,6 +198,7 @@ PROBLEM_TYPES: dict[str, int] = {
     "idempotency-key-reused": 422,
     "invalid-sale": 422,
     "sale-not-started": 425,
+    "headers-too-large": 431,
     "internal-error": 500,
     "not-ready": 503,
     "server-busy": 503,

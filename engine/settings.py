@@ -16,6 +16,9 @@ This is the only module that reads ``os.environ``. Everything else receives a ``
 | FLASHSALE_HOST / _PORT         | ``127.0.0.1`` / ``8000``                  |
 | FLASHSALE_REDIS_POOL_SIZE      | ``64``                                    |
 | FLASHSALE_MAX_BODY_BYTES       | ``4096``                                  |
+| FLASHSALE_MAX_HEADER_BYTES     | ``16384``: names plus values of one request |
+| FLASHSALE_MAX_HEADERS          | ``100``: header lines of one request      |
+| FLASHSALE_REQUEST_READ_TIMEOUT_S | ``10``: to receive a request's head and body |
 | FLASHSALE_DRAIN_BATCH          | ``1000``                                  |
 | FLASHSALE_CLAIM_IDLE_MS        | ``30000``: pending this long = its worker died |
 | FLASHSALE_ADMIN_TOKEN          | none: admin routes disabled               |
@@ -81,6 +84,10 @@ class Settings:
     port: int = 8000
     redis_pool_size: int = 64
     max_body_bytes: int = 4096
+    # Enforced by the HTTP protocol (engine.http.protocol) before the app sees a request.
+    max_header_bytes: int = 16_384
+    max_headers: int = 100
+    request_read_timeout_s: int = 10
     drain_batch: int = 1000
     # The drain's wait after each pass: the ledger trails Redis by about this much under a
     # storm, and each batch is bigger (cheaper per order) the longer it is.
@@ -143,6 +150,12 @@ class Settings:
             port=_int(env, "FLASHSALE_PORT", cls.port, 0),
             redis_pool_size=_int(env, "FLASHSALE_REDIS_POOL_SIZE", cls.redis_pool_size, 1),
             max_body_bytes=_int(env, "FLASHSALE_MAX_BODY_BYTES", cls.max_body_bytes, 64),
+            # An order needs a few headers and a bearer token of several hundred bytes.
+            max_header_bytes=_int(env, "FLASHSALE_MAX_HEADER_BYTES", cls.max_header_bytes, 1024),
+            max_headers=_int(env, "FLASHSALE_MAX_HEADERS", cls.max_headers, 8),
+            request_read_timeout_s=_int(
+                env, "FLASHSALE_REQUEST_READ_TIMEOUT_S", cls.request_read_timeout_s, 1
+            ),
             drain_batch=_int(env, "FLASHSALE_DRAIN_BATCH", cls.drain_batch, 1),
             drain_poll_ms=_int(env, "FLASHSALE_DRAIN_POLL_MS", cls.drain_poll_ms, 1),
             claim_idle_ms=_int(env, "FLASHSALE_CLAIM_IDLE_MS", cls.claim_idle_ms, 1),
@@ -198,6 +211,9 @@ class Settings:
             "FLASHSALE_PORT": str(self.port),
             "FLASHSALE_REDIS_POOL_SIZE": str(self.redis_pool_size),
             "FLASHSALE_MAX_BODY_BYTES": str(self.max_body_bytes),
+            "FLASHSALE_MAX_HEADER_BYTES": str(self.max_header_bytes),
+            "FLASHSALE_MAX_HEADERS": str(self.max_headers),
+            "FLASHSALE_REQUEST_READ_TIMEOUT_S": str(self.request_read_timeout_s),
             "FLASHSALE_DRAIN_BATCH": str(self.drain_batch),
             "FLASHSALE_DRAIN_POLL_MS": str(self.drain_poll_ms),
             "FLASHSALE_CLAIM_IDLE_MS": str(self.claim_idle_ms),

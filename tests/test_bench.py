@@ -17,9 +17,9 @@ import pytest
 import loadtests.bench
 from engine.cli import main
 from loadtests.bench import BenchOptions
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SERVICES_DIR
 
-PHASES = ("ceiling", "engine", "sold_out", "baseline")
+PHASES = ("ceiling", "engine", "engine_fsync", "sold_out", "baseline")
 RATIOS = (
     "engine_to_ceiling",
     "soldout_to_ceiling",
@@ -158,3 +158,28 @@ def test_costs_program_prints_every_figure():
         [sys.executable, "-m", "loadtests.costs", "--orders", "0"], capture_output=True, text=True
     )
     assert bad.returncode == 2 and "at least 1" in bad.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", [["--in-process", "--requests", "300"], ["--seconds", "1"]])
+def test_protocol_cost_program_prints_both_protocols(mode: list[str], services: dict[str, str]):
+    """``python -m loadtests.protocolcost``, tiny: the figures behind ``engine.http.protocol``'s
+    cost still come out, in process and served (on the test session's Redis and Postgres)."""
+    program = [sys.executable, "-m", "loadtests.protocolcost", "--dir", str(SERVICES_DIR)]
+    result = subprocess.run(
+        [*program, "--rounds", "2", *mode],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    rounds = [line.split()[:3] for line in lines if line.startswith("round ")]
+    assert rounds == [
+        ["round", "1", "plain"],
+        ["round", "1", "limited"],
+        ["round", "2", "limited"],
+        ["round", "2", "plain"],
+    ]
+    assert sum(line.startswith("median ") and "µs CPU" in line for line in lines) == 2
+    assert lines[-1].startswith("limited/plain ") and "(µs CPU)" in lines[-1]

@@ -57,6 +57,11 @@ def test_public_key_pins_rs256():
         ({"FLASHSALE_ENV": "staging"}, "FLASHSALE_ENV"),
         ({"FLASHSALE_JWT_SECRET": KEY, "FLASHSALE_SOLD_OUT_REFRESH_MS": "-1"}, "at least 0"),
         ({"FLASHSALE_JWT_SECRET": KEY, "FLASHSALE_DRAIN_POLL_MS": "0"}, "DRAIN_POLL_MS.*1"),
+        ({"FLASHSALE_JWT_SECRET": KEY, "FLASHSALE_MAX_HEADER_BYTES": "16k"}, "HEADER_BYTES.*int"),
+        ({"FLASHSALE_JWT_SECRET": KEY, "FLASHSALE_MAX_HEADER_BYTES": "512"}, "at least 1024"),
+        ({"FLASHSALE_JWT_SECRET": KEY, "FLASHSALE_MAX_HEADERS": "4"}, "MAX_HEADERS.*at least 8"),
+        ({"FLASHSALE_JWT_SECRET": KEY, "FLASHSALE_REQUEST_READ_TIMEOUT_S": "0"}, "TIMEOUT_S.*1"),
+        ({"FLASHSALE_JWT_SECRET": KEY, "FLASHSALE_REQUEST_READ_TIMEOUT_S": "0.5"}, "integer"),
     ],
 )
 def test_bad_values_are_named(env: dict[str, str], message: str):

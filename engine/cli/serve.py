@@ -25,6 +25,7 @@ SERVE_APPS = {
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from engine.http.protocol import LimitedHttpToolsProtocol
     from engine.logs import configure
 
     if args.log_format:
@@ -39,7 +40,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         port=args.port if args.port is not None else settings.port,
         workers=args.workers or settings.server_workers,
         loop="uvloop",
-        http="httptools",
+        # httptools with header limits and a read deadline for slow clients.
+        http=LimitedHttpToolsProtocol,
         access_log=False,
         log_level=args.log_level,
         log_config=None,  # the records go through engine.logs' handler, not uvicorn's own

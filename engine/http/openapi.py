@@ -24,7 +24,14 @@ from engine.ids import IDEMPOTENCY_KEY_PATTERN
 __all__ = ["openapi_document"]
 
 # Problems any request may meet, whatever its operation (answered by the front door itself).
-_EVERY_REQUEST_CODES = ("not-found", "method-not-allowed", "internal-error")
+# The last two come from the server's HTTP protocol (engine.http.protocol), before any route.
+_EVERY_REQUEST_CODES = (
+    "not-found",
+    "method-not-allowed",
+    "internal-error",
+    "request-timeout",
+    "headers-too-large",
+)
 
 # Headers every problem of a status carries (set by its class in engine.errors).
 _PROBLEM_HEADERS: dict[int, dict[str, Any]] = {
