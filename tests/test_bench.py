@@ -26,6 +26,8 @@ RATIOS = (
     "engine_to_baseline",
     "engine_p99_to_ceiling_p99",
     "engine_p99_to_baseline_p99",
+    "engine_fsync_to_engine",
+    "engine_fsync_to_baseline",
 )
 
 
@@ -110,6 +112,7 @@ def test_bench_smoke_writes_a_complete_report(tmp_path: Path):
     server = {
         "ceiling": "ceiling",
         "engine": "engine",
+        "engine_fsync": "engine",
         "sold_out": "engine",
         "baseline": "baseline",
     }
