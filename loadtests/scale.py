@@ -6,8 +6,8 @@ them, and the HTTP front door is not in the loop. It starts its own Redis and Po
 ``--dir`` (which it owns and empties), creates one sale whose holds last an hour, then:
 
 1. **fill**: places ``--holds`` one-unit holds as fast as Redis takes them and reads the worker's
-   RSS and Redis's memory once the ledger has the first half, and again once it has them all:
-   the slope per hold, extrapolated to a million holds;
+   RSS and Redis's memory once the ledger has the first half and every job has run since, and
+   again for all of them: the slope per hold, extrapolated to a million holds;
 2. **idle**: nothing new for ``--idle-s``, every hold still live: the worker's CPU and RSS;
 3. **soak**: ``--rate`` orders/s for ``--soak-s``, paced per 100 ms tick, sampling every second
    the worker's CPU and RSS and the ledger's lag: orders placed but not yet in Postgres (and
@@ -39,7 +39,7 @@ from engine.db import connect_postgres, connect_redis, migrate
 from engine.errors import ProblemError
 from engine.invariants import audit_sale, outbox_backlog
 from engine.inventory import reserve_many
-from engine.keys import sale_keys
+from engine.keys import WORKER_HEARTBEATS, sale_keys
 from engine.ledger import count_orders
 from engine.sales import create_sale
 from engine.scripts import load_scripts
@@ -58,7 +58,7 @@ BATCH = 64  # orders per reserve call, as the front door's coalescer sends them 
 CALLS_IN_FLIGHT = 8  # enough to keep one Redis busy while this process builds the next calls
 TICK_S = 0.1
 SHOPPERS = 100_000
-SETTLE_S = 3.0  # for the per-second jobs to visit every hold before memory is read
+SETTLE_MAX_S = 75.0  # reconcile runs once a minute and takes seconds with 100,000 holds
 LEDGER_TIMEOUT_S = 300.0
 AUDIT_DRAIN_PASSES = 100
 
@@ -127,12 +127,13 @@ class Worker:
         (then, before), self.last = self.last, (now, cpu)
         return 100 * max(0.0, cpu - before) / max(now - then, 1e-3)
 
-    def rss_mb(self) -> float:
+    def rss_mb(self, field: str = "VmRSS") -> float:
+        """Resident memory now, or at its peak so far with ``VmHWM``."""
         kib = 0
         for pid in self.pids():
             with contextlib.suppress(OSError):  # a child that just exited
                 for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                    if line.startswith("VmRSS:"):
+                    if line.startswith(f"{field}:"):
                         kib += int(line.split()[1])
         return kib / 1024
 
@@ -201,6 +202,20 @@ async def _ledger(redis: Redis, sale_id: str, worker: Worker) -> float | None:
     return round(time.monotonic() - started, 2)
 
 
+async def _settle(redis: Redis, worker: Worker, jobs: list[str]) -> float | None:
+    """Seconds until every job has finished a run since now, so that memory is read once each
+    has met every hold (reconcile runs once a minute); None after SETTLE_MAX_S. A run already
+    under way now counts too: it may have missed the last holds of the fill."""
+    since, started = time.time() * 1000, time.monotonic()
+    while time.monotonic() - started < SETTLE_MAX_S:
+        worker.check()
+        finished = await redis.hmget(WORKER_HEARTBEATS, jobs)
+        if all(ms is not None and int(ms) > since for ms in finished):
+            return round(time.monotonic() - started, 1)
+        await asyncio.sleep(0.5)
+    return None
+
+
 async def _fill(
     options: ScaleOptions, placer: Placer, worker: Worker, redis: Redis
 ) -> dict[str, Any]:
@@ -210,20 +225,22 @@ async def _fill(
         await placer.place(count)
         placing_s = time.monotonic() - started
         ledger_s = await _ledger(redis, placer.sale_id, worker)
-        await asyncio.sleep(SETTLE_S)
+        settle_s = await _settle(redis, worker, options.worker_jobs)
         rss, redis_mb = worker.rss_mb(), float((await redis.info("memory"))["used_memory"]) / 2**20
         points.append(
             {
                 "holds": placer.placed,
                 "orders_per_s": round(count / placing_s),
                 "ledger_after_s": ledger_s,
+                "every_job_ran_after_s": settle_s,
                 "worker_rss_mb": round(rss, 1),
+                "worker_peak_rss_mb": round(worker.rss_mb("VmHWM"), 1),
                 "redis_mb": round(redis_mb, 1),
             }
         )
         print(
-            f"  {placer.placed:>9,} holds: ledger {ledger_s} s after the last, worker RSS "
-            f"{rss:.1f} MB, Redis {redis_mb:.1f} MB",
+            f"  {placer.placed:>9,} holds: ledger {ledger_s} s after the last, every job "
+            f"{settle_s} s later; worker RSS {rss:.1f} MB, Redis {redis_mb:.1f} MB",
             flush=True,
         )
     return {"points": points, **per_hold(points)}

@@ -47,6 +47,8 @@ def test_scale_smoke_writes_a_complete_report(tmp_path: Path):
     low, high = report["holds"]["points"]
     assert (low["holds"], high["holds"]) == (1_000, 2_000)
     assert high["worker_rss_mb"] > 0 and high["redis_mb"] > low["redis_mb"]
+    assert high["worker_peak_rss_mb"] >= high["worker_rss_mb"]
+    assert low["every_job_ran_after_s"] is not None and high["every_job_ran_after_s"] is not None
     for figure in ("worker_rss_bytes_per_hold", "redis_bytes_per_hold"):
         assert isinstance(report["holds"][figure], float), figure
     assert report["holds"]["redis_mb_at_1m_holds"] > high["redis_mb"]
