@@ -322,7 +322,9 @@ async def _scale(options: ScaleOptions) -> dict[str, Any]:
         }
     }
     try:
-        # The program owns its --dir: an earlier run's orders would only slow this one.
+        # The program owns its --dir: an earlier run's orders would only slow this one, and its
+        # worker log would be read as this run's.
+        (options.dir / "logs" / "worker.log").unlink(missing_ok=True)
         await redis.flushdb()
         await db.execute("TRUNCATE sales, orders, order_events, payments, webhook_events CASCADE")
         await load_scripts(redis)
