@@ -15,7 +15,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from engine.packaged import packaged
 from engine.settings import Settings
 
-__all__ = ["connect_postgres", "connect_redis", "migrate"]
+__all__ = ["connect_postgres", "connect_redis", "migrate", "redis_ms"]
 
 _MIGRATION = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 # Any constant will do; it only has to be the same in every process that migrates.
@@ -40,6 +40,13 @@ def connect_redis(
     )
     # from_pool: the client owns the pool, so aclose() closes its connections too.
     return Redis.from_pool(pool)
+
+
+async def redis_ms(redis: Redis) -> int:
+    """Redis's clock in ms: the scripts score the work indexes by it (TIME), so callers that
+    compare against those scores must read the same clock."""
+    seconds, micros = await redis.time()
+    return int(seconds) * 1000 + int(micros) // 1000
 
 
 async def connect_postgres(

@@ -39,6 +39,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from engine import inventory
+from engine.db import redis_ms
 from engine.invariants import outbox_backlog, redis_orders
 from engine.keys import sale_keys
 from engine.ledger import pack_change, write_changes
@@ -310,8 +311,7 @@ async def _refunds_owed(
 ) -> None:
     """Refunds the refunds job has owed for over ``REFUND_GRACE_MS``, from their index."""
     keys = sale_keys(sale_id)
-    seconds, micros = await redis.time()
-    overdue = int(seconds) * 1000 + int(micros) // 1000 - REFUND_GRACE_MS
+    overdue = await redis_ms(redis) - REFUND_GRACE_MS
     owed: list[str] = await redis.zrangebyscore(
         keys.refunds, "-inf", overdue, start=0, num=REFUNDS_LISTED + 1
     )

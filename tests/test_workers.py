@@ -26,6 +26,7 @@ from engine.settings import Settings
 from localrun.demo import start_process
 from tests.conftest import CountingGateway, SaleFactory
 from workers.context import each_sale
+from workers.heartbeats import HEALTH, WorkerHealth
 from workers.holds import expire_sale
 from workers.outbox import drain_sale
 from workers.settings import WorkerSettings
@@ -303,9 +304,23 @@ async def test_every_job_on_2000_unpaid_holds_calls_the_gateway_for_none(
     )
     assert await redis.zcard(sale_keys(sale.id).holds) == len(placed) == 2000
     gateway = CountingGateway(MockGateway(redis))
-    ctx = {"store": redis, "db": db, "gateway": gateway, "settings": settings, "consumer": "t"}
+    health = WorkerHealth()
+    ctx = {
+        "store": redis,
+        "drain_store": redis,
+        "db": db,
+        "drain_db": db,
+        "gateway": gateway,
+        "settings": settings,
+        "consumer": "t",
+        HEALTH: health,
+    }
     for job in WorkerSettings.cron_jobs:
         await job.coroutine(ctx)
+    # Every job ran to its end: a job that failed would also have made no gateway call.
+    assert set(health.ran) == {job.name.removeprefix("cron:") for job in WorkerSettings.cron_jobs}
+    assert not [name for name, outage in health.jobs.items() if outage.since is not None]
+    assert health.stores.since is None
     # Reconcile asks what changed at the gateway since its cursor: one page, whatever the holds.
     assert gateway.calls == {"event_page": 1}
 

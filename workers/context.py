@@ -24,7 +24,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from engine.db import connect_postgres, connect_redis
+from engine.db import connect_postgres, connect_redis, redis_ms
 from engine.gatewaylimit import BACKGROUND_MAX_WAIT_S
 from engine.keys import sale_keys
 from engine.payments import make_gateway
@@ -43,7 +43,6 @@ __all__ = [
     "in_passes",
     "log",
     "order_fields",
-    "redis_ms",
     "shutdown",
     "startup",
 ]
@@ -102,12 +101,6 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     for name in ("db", "drain_db"):
         if name in ctx:
             await ctx[name].close()
-
-
-async def redis_ms(redis: Redis) -> int:
-    """Redis's clock in ms: the scripts score the work indexes by it."""
-    seconds, micros = await redis.time()
-    return int(seconds) * 1000 + int(micros) // 1000
 
 
 async def due(redis: Redis, index: str, batch: int) -> list[str]:

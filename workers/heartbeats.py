@@ -93,8 +93,7 @@ def recorded(job: Job) -> WorkerCoroutine:
 
     @functools.wraps(job)
     async def run(ctx: dict[Any, Any], *args: Any, **kwargs: Any) -> int:
-        # A ctx made without startup (a job called directly) gets one of its own.
-        health: WorkerHealth = ctx.setdefault(HEALTH, WorkerHealth())
+        health: WorkerHealth = ctx[HEALTH]
         outage = health.job(name)
         started = time.monotonic()
         try:
