@@ -18,7 +18,6 @@ everyone.
 from __future__ import annotations
 
 import asyncio
-import math
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
@@ -61,14 +60,21 @@ class GatewayLimiter:
         self._interval_us = 1_000_000 / rate_per_s
         self._burst = max(1, int(rate_per_s * BURST_S))
 
-    async def take(self, max_wait_s: float | None, cost: int = 1) -> float:
+    async def take(self, max_wait_s: float | None, cost: int = 1, not_before_s: float = 0) -> float:
         """Take ``cost`` slots; returns the seconds to wait before calling. ``GatewayBusy``
-        (nothing taken) when that is longer than ``max_wait_s``; None takes them anyway."""
+        (nothing taken) when that is longer than ``max_wait_s``; None takes them anyway.
+        ``not_before_s``: no call may start sooner than this from now."""
         max_wait_us = -1 if max_wait_s is None else int(max_wait_s * 1_000_000)
         reply = await _gateway_rate(
             self._redis,
             [GATEWAY_RATE],
-            [f"{self._interval_us:.3f}", self._burst, cost, max_wait_us],
+            [
+                f"{self._interval_us:.3f}",
+                self._burst,
+                cost,
+                max_wait_us,
+                int(not_before_s * 1_000_000),
+            ],
         )
         wait_s = int(reply[1]) / 1_000_000
         if Code(reply[0]) is Code.RATE_LIMITED:
@@ -79,8 +85,9 @@ class GatewayLimiter:
         return wait_s
 
     async def back_off(self, seconds: float) -> None:
-        """The gateway said "too many requests": nobody calls it for ``seconds``."""
-        await self.take(None, cost=max(1, math.ceil(seconds * self.rate_per_s)))
+        """The gateway said "too many requests": nobody calls it for ``seconds`` from now.
+        Callers told so at the same moment push the next slot back once between them."""
+        await self.take(None, cost=0, not_before_s=seconds)
 
 
 class RateLimitedGateway:

@@ -8,9 +8,11 @@
 
   ARGV[1] interval between calls, µs (1,000,000 / calls per second)
   ARGV[2] burst: calls that may start at once after a quiet spell (>= 1)
-  ARGV[3] cost: slots to take (1 per call; the gateway saying "slow down" takes its
-          retry-after's worth, so every caller backs off together)
+  ARGV[3] cost: slots to take (1 per call; 0 with ARGV[5] to only push the next slot back)
   ARGV[4] the longest wait the caller accepts, µs; -1 takes the slots whatever the wait
+  ARGV[5] optional, µs: no call may start sooner than this from now. The gateway saying "slow
+          down, retry after R" sets it to R, so every caller backs off together; several
+          callers told so at once push the next slot to now + R once, not R each.
 
   Returns {code, wait µs}:
      1 OK            the slots are taken: call the gateway after waiting this long
@@ -35,6 +37,10 @@ if max_wait >= 0 and wait > max_wait then
   return {-15, wait}
 end
 tat = tat + cost * interval
+local not_before = now + tonumber(ARGV[5] or '0')
+if tat < not_before then
+  tat = not_before
+end
 -- '%.0f': Lua would print a 16-digit µs time in 14 significant digits.
 rcall('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
 return {1, wait}

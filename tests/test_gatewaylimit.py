@@ -47,6 +47,21 @@ async def test_gateway_rate_contract(redis: Redis):
     assert 5_000 < ttl_ms <= 6_200  # gone once it lies in the past
 
 
+async def test_backing_off_together_pushes_the_next_slot_back_once(redis: Redis):
+    """Eight callers told "retry after 1 s" at the same moment: nobody calls for about a
+    second, not eight."""
+    limiter = GatewayLimiter(redis, 10)
+    await asyncio.gather(*(limiter.back_off(1.0) for _ in range(8)))
+    with pytest.raises(GatewayBusy) as busy:
+        await limiter.take(0)
+    assert 0.8 < busy.value.retry_after_s <= 1.0
+    # A back-off shorter than what is already booked moves nothing.
+    await limiter.back_off(0.1)
+    with pytest.raises(GatewayBusy) as still:
+        await limiter.take(0)
+    assert 0.7 < still.value.retry_after_s <= 1.0
+
+
 async def test_gateway_rate_flood_admits_the_burst_and_what_fits_the_wait(redis: Redis):
     limiter = GatewayLimiter(redis, 100)  # burst 10
 
