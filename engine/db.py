@@ -50,9 +50,18 @@ async def redis_ms(redis: Redis) -> int:
 
 
 async def connect_postgres(
-    settings: Settings, min_size: int = 1, max_size: int = 10
+    settings: Settings, min_size: int = 1, max_size: int = 10, deadline_s: float | None = None
 ) -> asyncpg.Pool:
-    pool = await asyncpg.create_pool(settings.database_url, min_size=min_size, max_size=max_size)
+    """A pool of ``min_size`` to ``max_size`` connections. ``deadline_s``: the longest a
+    connection attempt or a statement may take; None leaves asyncpg's defaults (60 s to
+    connect, statements unbounded)."""
+    pool = await asyncpg.create_pool(
+        settings.database_url,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=60 if deadline_s is None else deadline_s,
+        command_timeout=deadline_s,
+    )
     assert pool is not None
     return pool
 

@@ -43,6 +43,9 @@ __all__ = [
     "signed_event",
 ]
 
+# Seconds one try of a Stripe call may take (the SDK's own default is 80).
+GATEWAY_TIMEOUT_S = 10.0
+
 # Stripe keeps idempotency keys for 24 h; an order's hold is far shorter, so one key per order
 # cannot collide with a later, different request.
 INTENT_KEY = "pi-{order_id}"
@@ -143,7 +146,9 @@ def _unavailable(exc: stripe.StripeError) -> GatewayUnavailable:
 
 class StripeGateway:
     def __init__(self, api_key: str, api_base: str | None = None) -> None:
-        self._http = stripe.HTTPXClient()
+        # The SDK waits 80 s per try by default, with our two retries four minutes for one call;
+        # Stripe answers in well under a second.
+        self._http = stripe.HTTPXClient(timeout=GATEWAY_TIMEOUT_S)
         self._client = stripe.StripeClient(
             api_key,
             base_addresses={"api": api_base} if api_base else {},

@@ -88,8 +88,10 @@ async def startup(ctx: dict[str, Any]) -> None:
     # pool in the background, logging a traceback at each try (1 s doubling to 60 s), beside
     # the outage the failing jobs already report once. The jobs run every second, so their
     # connections stay open anyway.
-    ctx["db"] = await connect_postgres(settings, min_size=0, max_size=4)
-    ctx["drain_db"] = await connect_postgres(settings, min_size=0, max_size=2)
+    # A stalled Postgres fails a statement within STORE_DEADLINE_S too, so jobs waiting on it
+    # do not pile up in arq's slots until its job timeout.
+    ctx["db"] = await connect_postgres(settings, 0, 4, deadline_s=STORE_DEADLINE_S)
+    ctx["drain_db"] = await connect_postgres(settings, 0, 2, deadline_s=STORE_DEADLINE_S)
     await load_scripts(ctx["store"])
 
 

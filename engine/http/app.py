@@ -12,7 +12,6 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
@@ -21,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Route
 
-from engine.db import connect_redis
+from engine.db import connect_postgres, connect_redis
 from engine.errors import MethodNotAllowed, NotFound, ProblemError, problem_response, unexpected
 from engine.http import admin, orders, probes, sales, webhooks
 from engine.http.auth import TokenVerifier
@@ -36,6 +35,10 @@ from engine.settings import Settings
 __all__ = ["create_app", "route_table"]
 
 log = logging.getLogger("flashsale.app")
+
+# The longest a webhook's Postgres connection attempt or statement may take: Stripe retries a
+# webhook that failed, so a 503 beats a request held by a stalled ledger.
+POSTGRES_DEADLINE_S = 5.0
 
 
 def route_table(order_route: OrderRoute) -> list[BaseRoute]:
@@ -100,7 +103,7 @@ def create_app(
         found.redis = client
         found.gateway = make_gateway(settings, client)
         # Webhooks and payments only: the order path never takes a Postgres connection.
-        found.db = await asyncpg.create_pool(settings.database_url, min_size=0, max_size=8)
+        found.db = await connect_postgres(settings, 0, 8, deadline_s=POSTGRES_DEADLINE_S)
         await load_scripts(client)
         try:
             yield
