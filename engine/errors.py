@@ -26,13 +26,18 @@ code, so documentation can link to it, and ``title`` is the reason phrase of the
 
 from __future__ import annotations
 
+import logging
 from http import HTTPStatus
 from typing import Any, ClassVar
 
 import orjson
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.requests import Request
 from starlette.responses import Response
+
+from engine.logs import Outage
 
 __all__ = [
     "CLI_ONLY_CODES",
@@ -40,6 +45,7 @@ __all__ = [
     "PROBLEM_MEDIA_TYPE",
     "PROBLEM_SCOPE_KEY",
     "PROBLEM_TYPES",
+    "STORE_UNREACHABLE",
     "BadRequest",
     "Conflict",
     "MethodNotAllowed",
@@ -56,6 +62,8 @@ __all__ = [
     "problem_response",
     "unexpected",
 ]
+
+log = logging.getLogger("flashsale.app")
 
 PROBLEM_BASE = "https://flashsale.dev/problems/"
 PROBLEM_MEDIA_TYPE = "application/problem+json"
@@ -210,10 +218,21 @@ PROBLEM_TYPES: dict[str, int] = {
 CLI_ONLY_CODES = frozenset({"invalid-sale", "invalid-status", "sale-exists"})
 
 
-def unexpected(exc: Exception) -> ProblemError:
-    """The problem to answer for an exception nothing else handled: never a bare 500 page.
-    A store that cannot be reached is a 503 worth retrying (with the same Idempotency-Key the
-    retry is safe whether or not the first attempt ran)."""
+# A store that cannot be reached or did not answer in time: an outage, not a fault of the code.
+# Redis's error replies (a broken script, READONLY, OOM) are RedisErrors outside this set.
+STORE_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+def unexpected(exc: Exception, outage: Outage, where: str) -> ProblemError:
+    """The problem to answer for an exception nothing else handled, never a bare 500 page, and
+    logged once: an unreachable store counts into ``outage`` (its start and end are logged, not
+    a traceback per request), anything else is logged with its traceback, naming ``where``.
+    Every Redis failure is a 503 worth retrying (with the same Idempotency-Key the retry is
+    safe whether or not the first attempt ran)."""
+    if isinstance(exc, STORE_UNREACHABLE):
+        outage.failed(exc)
+    else:
+        log.error("unhandled error on %s", where, exc_info=exc)
     if isinstance(exc, RedisError | OSError):
         return Unavailable(
             "not-ready",

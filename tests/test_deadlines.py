@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError
 
 from engine.db import connect_redis
 from engine.http.app import create_app
@@ -57,6 +58,27 @@ async def test_a_connection_that_answers_nothing_fails_every_call_within_the_dea
             writer.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_callers_queued_behind_a_hanging_connect_fail_within_one_deadline(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A connect that never completes (packets dropped): every caller waiting for it, the ones
+    queued behind the first included, fails within one deadline, not one deadline each."""
+    loop = asyncio.get_running_loop()
+
+    async def never(*args: object, **kwargs: object) -> None:
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(loop, "create_connection", never)
+    store = PipelinedRedis("redis://127.0.0.1:6379/0", DEADLINE_MS / 1000)
+    started = time.monotonic()
+    outcomes = await asyncio.gather(
+        *(store.execute_command("PING") for _ in range(6)), return_exceptions=True
+    )
+    waited = time.monotonic() - started
+    assert all(isinstance(outcome, ConnectionError) for outcome in outcomes), outcomes
+    assert waited < DEADLINE_MS / 1000 * 2, waited
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
@@ -77,12 +76,8 @@ async def _on_http(request: Request, exc: Exception) -> Response:
 
 
 async def _on_error(request: Request, exc: Exception) -> Response:
-    if isinstance(exc, RedisError | OSError):
-        # An unreachable store is an outage, logged once when it starts, not per request.
-        request.app.state.outage.failed(exc)
-    else:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return problem_response(unexpected(exc), request)
+    where = f"{request.method} {request.url.path}"
+    return problem_response(unexpected(exc, request.app.state.outage, where), request)
 
 
 def create_app(

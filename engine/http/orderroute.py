@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 
 import orjson
-from redis.exceptions import RedisError
 from starlette.types import Receive, Scope, Send
 
 from engine import inventory
@@ -146,12 +145,8 @@ class OrderRoute:
             error: ProblemError | None = None
         except ProblemError as exc:
             error = exc
-        except (RedisError, OSError) as exc:
-            # The connection logs the outage once (engine.logs.Outage), not per order.
-            error = unexpected(exc)
         except Exception as exc:
-            log.exception("unhandled error on POST %s", scope["path"])
-            error = unexpected(exc)
+            error = unexpected(exc, self.store.outage, f"POST {scope['path']}")
         if error is not None:
             scope[PROBLEM_SCOPE_KEY] = error.code
             await send_problem(send, error, scope["path"])

@@ -83,13 +83,16 @@ class _Protocol(asyncio.Protocol):
         if not self.flush_scheduled:
             # Everything issued before the loop comes round again shares this one write.
             self.flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self.flush)
+            self.loop.call_soon(self.flush)
 
     def enqueue(self, args: tuple[Any, ...], waiter: _Waiter) -> None:
+        # Packed first: a command that cannot be packed must not leave a waiter without a
+        # command, or every later reply would go to the wrong caller.
+        packed = hiredis.pack_command(args)
         if not self.waiting:
             self.progress_at = self.loop.time()
         self.waiting.append(waiter)
-        self.pending.append(hiredis.pack_command(args))
+        self.pending.append(packed)
         self.schedule_flush()
 
     def flush(self) -> None:
@@ -143,13 +146,15 @@ class _Protocol(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.progress_at = self.loop.time()
-        if self.outage.since is not None:
-            self.outage.recovered()
         self.reader.feed(data)
         while (reply := self.reader.gets()) is not False:
             waiter = self.waiting.popleft()
             if isinstance(reply, ResponseError):
                 reply = _error(reply)
+            elif self.outage.since is not None:
+                # A real answer, not an error reply (a Redis still loading its AOF answers
+                # LOADING): Redis serves again.
+                self.outage.recovered()
             if not isinstance(waiter, asyncio.Future):
                 waiter(reply)
             elif waiter.done():  # its caller was cancelled; the reply is simply dropped
@@ -190,28 +195,29 @@ class PipelinedRedis:
     async def _connect(self) -> _Protocol:
         if self._connecting is None:
             self._connecting = asyncio.Lock()
-        async with self._connecting:
-            protocol = self._protocol
-            if protocol is not None and protocol.lost is None:
+        loop = asyncio.get_running_loop()
+        try:
+            # The deadline covers the wait for the lock too: callers queued behind an attempt
+            # that hangs must not each wait a deadline of their own in turn.
+            async with asyncio.timeout(self._deadline_s), self._connecting:
+                protocol = self._protocol
+                if protocol is not None and protocol.lost is None:
+                    return protocol
+                _, protocol = await loop.create_connection(
+                    partial(_Protocol, self._deadline_s, self.outage),
+                    self._host,
+                    self._port,
+                    ssl=self._ssl,
+                )
+                self._protocol = protocol
+                for command in self._hello:
+                    await self._send(protocol, command)
                 return protocol
-            loop = asyncio.get_running_loop()
-            try:
-                async with asyncio.timeout(self._deadline_s):
-                    _, protocol = await loop.create_connection(
-                        partial(_Protocol, self._deadline_s, self.outage),
-                        self._host,
-                        self._port,
-                        ssl=self._ssl,
-                    )
-            except (OSError, TimeoutError) as exc:
-                where = f"{self._host}:{self._port}"
-                error = ConnectionError(f"cannot reach Redis at {where}: {exc!r}")
-                self.outage.failed(error)
-                raise error from exc
-            self._protocol = protocol
-            for command in self._hello:
-                await self._send(protocol, command)
-            return protocol
+        except (OSError, TimeoutError) as exc:
+            where = f"{self._host}:{self._port}"
+            error = ConnectionError(f"cannot reach Redis at {where}: {exc!r}")
+            self.outage.failed(error)
+            raise error from exc
 
     def _send(self, protocol: _Protocol, args: tuple[Any, ...]) -> asyncio.Future[Any]:
         waiter: asyncio.Future[Any] = asyncio.get_running_loop().create_future()

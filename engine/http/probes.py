@@ -30,6 +30,10 @@ async def ready(request: Request) -> Response:
         await found.store.ping()
     except (RedisError, OSError) as exc:
         problems["redis"] = str(exc)
+    else:
+        # The other routes' failures count into the Redis outage too, but only the order path's
+        # connection sees Redis answer again: without orders, the readiness probe says so.
+        request.app.state.outage.recovered()
     try:
         # The front door keeps no Postgres pool for the order path (it never uses one); a probe
         # every few seconds can afford its own short connection.
