@@ -122,3 +122,25 @@ async def test_a_hook_refuses_before_the_route_runs_and_nothing_is_written(
         assert refused.json()["code"] == "rate-limited"
     assert await redis.get(stock) == before
     assert [status for _, _, status, _ in recorder.left] == [429, 429]
+
+
+async def test_the_hook_hears_a_request_whose_handler_raised_and_url_paths_still_resolve() -> None:
+    """Every enter has its leave, also when a bare handler fails before answering; and a bare
+    route in the table does not break reversing the other routes' names."""
+
+    async def broken(scope: Scope, receive: Any, send: Any, param: str) -> int:
+        raise RuntimeError("the handler failed before answering")
+
+    async def ok(request: Any) -> Any:
+        raise AssertionError("not called")
+
+    recorder = Recorder()
+    app = FrontDoor(
+        routes=[BareRoute("/things/{id}/do", broken, ["POST"]), Route("/ok", ok, name="ok")],
+        hook=recorder,
+    )
+    scope = {"type": "http", "method": "POST", "path": "/things/1/do", "headers": []}
+    with pytest.raises(RuntimeError):
+        await app(scope, None, None)  # type: ignore[arg-type]
+    assert recorder.left == [("POST", "/things/{id}/do", 499, None)]
+    assert app.url_path_for("ok") == "/ok"

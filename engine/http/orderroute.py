@@ -25,7 +25,6 @@ from starlette.types import Receive, Scope, Send
 
 from engine import inventory
 from engine.errors import (
-    PROBLEM_SCOPE_KEY,
     BadRequest,
     Conflict,
     NotFound,
@@ -148,8 +147,7 @@ class OrderRoute:
         except Exception as exc:
             error = unexpected(exc, self.store.outage, f"POST {scope['path']}")
         if error is not None:
-            scope[PROBLEM_SCOPE_KEY] = error.code
-            await send_problem(send, error, scope["path"])
+            await send_problem(scope, send, error)
             return error.status_code
         headers = [*headers, (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": status, "headers": headers})

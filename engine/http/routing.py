@@ -20,7 +20,8 @@ from typing import Any, Protocol
 
 import orjson
 from starlette.applications import Starlette
-from starlette.routing import BaseRoute, Match
+from starlette.datastructures import URLPath
+from starlette.routing import BaseRoute, Match, NoMatchFound
 from starlette.types import Receive, Scope, Send
 
 from engine.errors import PROBLEM_MEDIA_TYPE, PROBLEM_SCOPE_KEY, MethodNotAllowed, ProblemError
@@ -81,23 +82,18 @@ class BareRoute(BaseRoute):
         return value if value and "/" not in value else None
 
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
-        if scope["type"] == "http" and self.param_of(scope["path"]) is not None:
-            return Match.FULL, {"route": self}
+        # FrontDoor answers every path of this route before Starlette's router sees a request.
         return Match.NONE, {}
 
-    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # FrontDoor answers these before Starlette; this serves a router used on its own.
-        param = self.param_of(scope["path"])
-        assert param is not None
-        if scope["method"] not in self.methods:
-            await send_problem(send, MethodNotAllowed(self.allow), scope["path"])
-            return
-        await self.handler(scope, receive, send, param)
+    def url_path_for(self, name: str, /, **path_params: Any) -> URLPath:
+        raise NoMatchFound(name, path_params)
 
 
-async def send_problem(send: Send, error: ProblemError, instance: str) -> None:
-    """Send ``error`` as problem+json with bare ASGI messages."""
-    body = orjson.dumps(error.body(instance))
+async def send_problem(scope: Scope, send: Send, error: ProblemError) -> None:
+    """Send ``error`` as problem+json with bare ASGI messages, its code left in the scope for
+    the request hook."""
+    scope[PROBLEM_SCOPE_KEY] = error.code
+    body = orjson.dumps(error.body(scope["path"]))
     headers = [
         (b"content-type", PROBLEM_MEDIA_TYPE.encode()),
         (b"content-length", str(len(body)).encode()),
@@ -124,46 +120,36 @@ class FrontDoor(Starlette):
             await super().__call__(scope, receive, send)
             return
         started = time.perf_counter()
-        hook = self.hook
         path: str = scope["path"]
-        for route in self.bare_routes:
-            param = route.param_of(path)
-            if param is None:
-                continue
-            try:
-                hook.enter(scope)
+        template = UNMATCHED
+        # What the hook hears when the answer never went out (the handler raised, the client
+        # left): 499, as proxies log a request the client abandoned.
+        status = 499
+        try:
+            for route in self.bare_routes:
+                param = route.param_of(path)
+                if param is None:
+                    continue
+                template = route.path
+                self.hook.enter(scope)
                 if scope["method"] not in route.methods:
                     raise MethodNotAllowed(route.allow)
-            except ProblemError as refused:
-                await send_problem(send, refused, path)
-                hook.leave(scope, route.path, refused.status_code, refused.code, 0.0)
+                status = await route.handler(scope, receive, send, param)
                 return
-            status = await route.handler(scope, receive, send, param)
-            code = scope.get(PROBLEM_SCOPE_KEY)
-            hook.leave(scope, route.path, status, code, time.perf_counter() - started)
-            return
-        await self._starlette(scope, receive, send, started)
+            self.hook.enter(scope)
 
-    async def _starlette(self, scope: Scope, receive: Receive, send: Send, started: float) -> None:
-        hook = self.hook
-        try:
-            hook.enter(scope)
-        except ProblemError as refused:
-            await send_problem(send, refused, scope["path"])
-            hook.leave(scope, UNMATCHED, refused.status_code, refused.code, 0.0)
-            return
-        status = 499
+            async def sent(message: MutableMapping[str, Any]) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+                await send(message)
 
-        async def sent(message: MutableMapping[str, Any]) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
             await super().__call__(scope, receive, sent)
+        except ProblemError as refused:  # the hook refused, or a bare route's method
+            await send_problem(scope, send, refused)
+            status = refused.status_code
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", UNMATCHED)
+            if template is UNMATCHED:  # a Starlette route: its router left it in the scope
+                template = getattr(scope.get("route"), "path", UNMATCHED)
             seconds = time.perf_counter() - started
-            hook.leave(scope, template, status, scope.get(PROBLEM_SCOPE_KEY), seconds)
+            self.hook.leave(scope, template, status, scope.get(PROBLEM_SCOPE_KEY), seconds)
