@@ -41,7 +41,6 @@ from engine.logs import Outage
 
 __all__ = [
     "CLI_ONLY_CODES",
-    "PROBLEM_BASE",
     "PROBLEM_MEDIA_TYPE",
     "PROBLEM_SCOPE_KEY",
     "PROBLEM_TYPES",

@@ -29,7 +29,6 @@ from engine.scripts import SCRIPTS, Code
 
 __all__ = [
     "BACKGROUND_MAX_WAIT_S",
-    "BURST_S",
     "PAY_MAX_WAIT_S",
     "GatewayLimiter",
     "RateLimitedGateway",

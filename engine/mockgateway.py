@@ -24,7 +24,7 @@ from engine.payments import (
     intent_event,
 )
 
-__all__ = ["KEPT_EVENTS", "MockGateway"]
+__all__ = ["MockGateway"]
 
 # Events the mock keeps, newest first (a demo's worth): the oldest go as new ones come.
 KEPT_EVENTS = 10_000

@@ -366,7 +366,7 @@ async def test_with_its_stores_down_the_app_answers_what_is_documented(
     }
     assert set(requests) == set(OPERATIONS)
     async with app.router.lifespan_context(app):
-        app.state.services.redis = dead  # the shared client loses its Redis after start-up
+        app.state.services.store = dead  # the shared client loses its Redis after start-up
         # An error Starlette's routes did not expect is re-raised after its answer was sent.
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:

@@ -27,11 +27,9 @@ from engine.logs import Outage
 
 __all__ = [
     "HEALTH",
-    "REDIS_LOST",
     "STORES_LOST",
     "JobReport",
     "WorkerHealth",
-    "overdue_after_s",
     "read_heartbeats",
     "recorded",
 ]

@@ -27,7 +27,7 @@ from engine.sales import live_sale_ids
 from engine.scripts import SCRIPTS
 from engine.settings import Settings
 
-__all__ = ["DRAIN_WINDOW_S", "IDLE_PAUSE_MAX_S", "drain_outboxes", "drain_sale"]
+__all__ = ["drain_outboxes", "drain_sale"]
 
 log = logging.getLogger("flashsale.outbox")
 

@@ -40,8 +40,6 @@ from workers.context import (
 )
 
 __all__ = [
-    "GATEWAY_CONCURRENCY",
-    "REFUSED_RETRY_MS",
     "GatewayWork",
     "PassFn",
     "all_due",

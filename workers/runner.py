@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 
 from workers.heartbeats import HEALTH, WorkerHealth
 
-__all__ = ["RETRYABLE", "STALL_S", "run"]
+__all__ = ["STALL_S", "run"]
 
 log = logging.getLogger("flashsale.worker")
 

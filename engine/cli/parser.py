@@ -16,6 +16,7 @@ from engine.cli.orders import cmd_order_refund, cmd_reconcile, cmd_token
 from engine.cli.sales import cmd_sale_create, cmd_sale_show, cmd_sale_status
 from engine.cli.serve import SERVE_APPS, cmd_migrate, cmd_serve, cmd_worker
 from engine.cli.tooling import cmd_bench, cmd_demo
+from engine.settings import LOG_FORMATS
 
 __all__ = ["build_parser"]
 
@@ -91,7 +92,7 @@ def _logging(command: argparse.ArgumentParser, level: str) -> None:
     )
     command.add_argument(
         "--log-format",
-        choices=["auto", "json", "text"],
+        choices=LOG_FORMATS,
         help="log lines as JSON objects or as text; auto (default, or FLASHSALE_LOG_FORMAT): "
         "text on a terminal, JSON otherwise",
     )

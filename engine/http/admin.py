@@ -12,7 +12,7 @@ from engine.errors import Unauthorized
 from engine.http.bodies import JSONResponse
 from engine.http.context import order_ids, services
 
-__all__ = ["refund_order", "require_admin"]
+__all__ = ["refund_order"]
 
 
 def require_admin(request: Request) -> None:

@@ -88,17 +88,21 @@ def create_app(
     verifier = TokenVerifier(settings)
     outage = Outage("redis", logging.getLogger("flashsale.redis"))
     order_route = OrderRoute(settings, verifier, outage)
-    found = Services(settings, verifier)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # A request's Redis calls share the order path's deadline: a stalled Redis answers
         # 503 within it instead of holding the request.
         client = redis or connect_redis(settings, deadline_s=settings.redis_deadline_ms / 1000)
-        found.redis = client
-        found.gateway = make_gateway(settings, client)
-        # Webhooks and payments only: the order path never takes a Postgres connection.
-        found.db = await connect_postgres(settings, 0, 8, deadline_s=POSTGRES_DEADLINE_S)
+        found = Services(
+            settings,
+            verifier,
+            client,
+            make_gateway(settings, client),
+            # Webhooks and payments only: the order path never takes a Postgres connection.
+            await connect_postgres(settings, 0, 8, deadline_s=POSTGRES_DEADLINE_S),
+        )
+        app.state.services = found
         await load_scripts(client)
         try:
             yield
@@ -119,7 +123,6 @@ def create_app(
             Exception: _on_error,
         },
     )
-    app.state.services = found
     app.state.order_route = order_route
     app.state.outage = outage
     return app

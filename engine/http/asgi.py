@@ -35,6 +35,8 @@ def settled(app: Starlette) -> Starlette:
 
 def create() -> Starlette:
     settings = Settings.from_env()
-    # Each server process logs the same way (uvicorn's workers start from a fresh interpreter).
-    configure(settings.log_format, logging.getLevelName(logging.getLogger().level).lower())
+    # Each server process logs the same way (uvicorn's workers start from a fresh interpreter,
+    # where only the uvicorn loggers carry serve's --log-level).
+    level = logging.getLogger("uvicorn.error").getEffectiveLevel()
+    configure(settings.log_format, logging.getLevelName(level).lower())
     return settled(create_app(settings))

@@ -42,6 +42,7 @@ from engine.errors import Unavailable
 from engine.http.pipeline import PipelinedRedis
 from engine.inventory import MAX_BATCH, Hold, Order, reserve_call, reserve_many, reserve_outcome
 from engine.scripts import SCRIPTS
+from engine.settings import Settings
 
 __all__ = ["Reservations"]
 
@@ -69,7 +70,9 @@ def _fail(batch: list[_Waiting], error: BaseException) -> None:
 class Reservations:
     """Places orders on ``store``, coalescing those issued in the same event-loop turn."""
 
-    def __init__(self, store: PipelinedRedis, max_in_flight: int = 2048) -> None:
+    def __init__(
+        self, store: PipelinedRedis, max_in_flight: int = Settings.max_orders_in_flight
+    ) -> None:
         self._store = store
         self._waiting: dict[str, list[_Waiting]] = {}
         self._tasks: set[asyncio.Task[None]] = set()

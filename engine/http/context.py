@@ -20,27 +20,13 @@ __all__ = ["Services", "order_ids", "sale_id", "services"]
 
 @dataclass
 class Services:
+    """Made by the app's lifespan once its clients are open, and kept on ``app.state``."""
+
     settings: Settings
     verifier: TokenVerifier
-    # Opened by the app's lifespan; None only before start-up.
-    redis: Redis | None = None
-    gateway: PaymentGateway | None = None
-    db: asyncpg.Pool | None = field(default=None, repr=False)
-
-    @property
-    def store(self) -> Redis:
-        assert self.redis is not None, "the app's lifespan has not run"
-        return self.redis
-
-    @property
-    def payments(self) -> PaymentGateway:
-        assert self.gateway is not None, "the app's lifespan has not run"
-        return self.gateway
-
-    @property
-    def ledger(self) -> asyncpg.Pool:
-        assert self.db is not None, "the app's lifespan has not run"
-        return self.db
+    store: Redis
+    payments: PaymentGateway
+    ledger: asyncpg.Pool = field(repr=False)
 
 
 def services(request: Request) -> Services:

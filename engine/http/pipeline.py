@@ -43,8 +43,9 @@ from redis.connection import parse_url
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError
 
 from engine.logs import Outage
+from engine.settings import Settings
 
-__all__ = ["PipelinedRedis", "RedisStalled", "ReplyCallback"]
+__all__ = ["PipelinedRedis", "RedisStalled"]
 
 # Called with a command's reply, or with the exception it failed with (a ``ResponseError``,
 # ``NoScriptError`` or ``ConnectionError`` instance), in the protocol's data_received.
@@ -173,7 +174,12 @@ class _Protocol(asyncio.Protocol):
 class PipelinedRedis:
     """A pipelined connection to the Redis at ``url`` (``redis://`` or ``rediss://``)."""
 
-    def __init__(self, url: str, deadline_s: float = 1.0, outage: Outage | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        deadline_s: float = Settings.redis_deadline_ms / 1000,
+        outage: Outage | None = None,
+    ) -> None:
         options = parse_url(url)
         self._deadline_s = deadline_s
         # Logged once when the connection is lost or stalls, once when Redis answers again.

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import http
 from asyncio import TimerHandle
 from typing import Any
 
@@ -59,7 +58,7 @@ from engine.errors import (
 )
 from engine.settings import Settings
 
-__all__ = ["HEAD_BYTES_PER_LIMIT", "LINGER_S", "LimitedHttpToolsProtocol", "problem_bytes"]
+__all__ = ["LimitedHttpToolsProtocol"]
 
 # Bytes of an unfinished head the server buffers, as a multiple of max_header_bytes: room for the
 # request line and the ": " and CRLF of every header, so only a head far past the limit is cut
@@ -83,8 +82,7 @@ def _settings() -> Settings:
 def problem_bytes(error: ProblemError, default_headers: list[tuple[bytes, bytes]]) -> bytes:
     """A whole HTTP/1.1 response carrying ``error`` as problem+json, ending the connection."""
     body = orjson.dumps(error.body())
-    phrase = http.HTTPStatus(error.status_code).phrase
-    lines = [f"HTTP/1.1 {error.status_code} {phrase}".encode()]
+    lines = [f"HTTP/1.1 {error.status_code} {error.title}".encode()]
     lines += [name + b": " + value for name, value in default_headers]
     lines += [
         b"content-type: " + PROBLEM_MEDIA_TYPE.encode(),
