@@ -5,7 +5,7 @@ arq's main loop ends on the first error from Redis (a restart, a lost connection
 every job still running. A worker whose Redis restarted therefore either exited 1, or hung in
 that wait with its loop gone. Here:
 
-- a lost Redis or Postgres (an error of ``RETRYABLE``) ends only the current arq worker: its
+- a lost Redis or Postgres (``STORES_LOST``) ends only the current arq worker: its
   jobs are cancelled, its clients closed (every step with a deadline), the outage is logged
   once, and after a backoff (0.5 s doubling to 10 s; back to 0.5 s after a healthy minute) a
   fresh arq worker starts in the same process, re-running ``startup``;
@@ -26,19 +26,15 @@ import time
 from collections.abc import Awaitable
 from typing import Any
 
-import asyncpg
-from arq.connections import RedisSettings
+from arq.connections import ArqRedis, RedisSettings, create_pool
 from arq.worker import Worker, create_worker
-from redis.exceptions import RedisError
 
-from workers.heartbeats import HEALTH, WorkerHealth
+from workers.heartbeats import HEALTH, STORES_LOST, WorkerHealth
 
 __all__ = ["STALL_S", "run"]
 
 log = logging.getLogger("flashsale.worker")
 
-# Errors that mean a backing service is away for now, not that the worker is broken.
-RETRYABLE = (RedisError, OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError)
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 10.0
 HEALTHY_S = 60.0
@@ -46,6 +42,10 @@ HEALTHY_S = 60.0
 # is 30 s, so a per-second job that is merely slow still finishes within it.
 STALL_S = 45.0
 CLOSE_DEADLINE_S = 10.0
+
+
+class Stalled(Exception):
+    """No job of the arq worker ran for the stall time: its loop is wedged."""
 
 
 async def _bounded(step: Awaitable[Any], what: str) -> None:
@@ -56,17 +56,17 @@ async def _bounded(step: Awaitable[Any], what: str) -> None:
         log.warning("while stopping the worker, %s: %r", what, exc)
 
 
-async def _stop(worker: Worker) -> None:
-    """Stop ``worker`` without waiting on anything for longer than the close deadline."""
+async def _stop(worker: Worker, pool: ArqRedis) -> None:
+    """Stop ``worker`` without waiting on anything for longer than the close deadline (arq's
+    own ``close`` waits for every job without one). ``shutdown`` closes only what ``startup``
+    got to open; the arq pool is ours, so we close it."""
     for task in worker.tasks.values():
         task.cancel()
     await _bounded(asyncio.gather(*worker.tasks.values(), return_exceptions=True), "jobs")
-    if worker.on_shutdown is not None and "store" in worker.ctx:
+    if worker.on_shutdown is not None:
         await _bounded(worker.on_shutdown(worker.ctx), "closing the clients")
-    if worker._pool is not None:
-        # aclose: close() is deprecated since redis 5.0.1 and warns on every restart.
-        await _bounded(worker._pool.aclose(close_connection_pool=True), "closing arq's pool")
-        worker._pool = None
+    # aclose: close() is deprecated since redis 5.0.1 and warns on every restart.
+    await _bounded(pool.aclose(close_connection_pool=True), "closing arq's pool")
 
 
 async def _watch(health: WorkerHealth, started: float, stall_s: float) -> None:
@@ -77,6 +77,42 @@ async def _watch(health: WorkerHealth, started: float, stall_s: float) -> None:
         last = max([started, *health.ran.values()])
         if time.monotonic() - last > stall_s:
             return
+
+
+async def _one_worker(
+    settings_cls: type,
+    redis_settings: RedisSettings,
+    health: WorkerHealth,
+    stopping: asyncio.Event,
+    stall_s: float,
+    overrides: dict[str, Any],
+) -> BaseException | None:
+    """Run one arq worker until it ends. Returns the error it ended with (``Stalled`` when
+    the watchdog ended it), None when a burst ran out of work or a signal stopped it."""
+    pool = await create_pool(redis_settings)
+    worker = create_worker(
+        settings_cls,
+        redis_pool=pool,
+        handle_signals=False,
+        ctx={HEALTH: health},
+        **overrides,
+    )
+    main = asyncio.ensure_future(worker.main())
+    stop = asyncio.ensure_future(stopping.wait())
+    watchdog = asyncio.ensure_future(_watch(health, time.monotonic(), stall_s))
+    try:
+        await asyncio.wait({main, stop, watchdog}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (stop, watchdog):
+            task.cancel()
+        if not main.done():
+            main.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await main
+        await _stop(worker, pool)
+    if main.cancelled():
+        return None if stopping.is_set() else Stalled()
+    return main.exception()
 
 
 async def run(
@@ -94,46 +130,31 @@ async def run(
     backoff = BACKOFF_MIN_S
     try:
         while not stopping.is_set():
-            worker = create_worker(
-                settings_cls,
-                redis_settings=redis_settings,
-                handle_signals=False,
-                ctx={HEALTH: health},
-                **overrides,
-            )
             started = time.monotonic()
-            main = asyncio.ensure_future(worker.main())
-            stop = asyncio.ensure_future(stopping.wait())
-            watchdog = asyncio.ensure_future(_watch(health, started, stall_s))
-            await asyncio.wait({main, stop, watchdog}, return_when=asyncio.FIRST_COMPLETED)
-            for waiter in (stop, watchdog):
-                waiter.cancel()
-            if not main.done():
-                main.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await main
-                await _stop(worker)
-                if stopping.is_set():
-                    return 0
+            try:
+                ended = await _one_worker(
+                    settings_cls, redis_settings, health, stopping, stall_s, overrides
+                )
+            except STORES_LOST as error:  # arq's pool could not be made
+                ended = error
+            if isinstance(ended, Stalled):
                 log.error(
                     "no worker job ran for %.0f s: exiting for a restart",
                     stall_s,
                     extra={"event": "worker.stalled"},
                 )
                 return 1
-            error = main.exception()
-            await _stop(worker)
-            if error is None:
+            if ended is None:
                 outage.recovered()
-                return 0  # a burst ran out of work
-            if not isinstance(error, RETRYABLE):
+                return 0  # a signal, or a burst that ran out of work
+            if not isinstance(ended, STORES_LOST):
                 log.error(
-                    "worker failed: %r", error, exc_info=error, extra={"event": "worker.failed"}
+                    "worker failed: %r", ended, exc_info=ended, extra={"event": "worker.failed"}
                 )
                 return 1
             if time.monotonic() - started > HEALTHY_S:
                 backoff = BACKOFF_MIN_S
-            outage.failed(error)
+            outage.failed(ended)
             log.info("restarting the worker in %.1f s", backoff, extra={"event": "worker.backoff"})
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(backoff):
