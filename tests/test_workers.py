@@ -289,8 +289,13 @@ async def test_one_failing_sale_does_not_stop_the_others(
             raise RuntimeError("the gateway said no")
         return 10
 
-    assert await each_sale({"store": redis}, "test job", work) == 20
-    assert "test job failed for sale b-sale" in caplog.text
+    ctx = {"store": redis, HEALTH: WorkerHealth()}
+    assert await each_sale(ctx, "test job", work) == 20
+    assert "test job for sale b-sale failed" in caplog.text
+    # The next tick fails the same way: counted, not logged again.
+    logged = len(caplog.records)
+    assert await each_sale(ctx, "test job", work) == 20
+    assert len(caplog.records) == logged
 
 
 async def test_every_job_on_2000_unpaid_holds_calls_the_gateway_for_none(

@@ -142,16 +142,21 @@ async def in_passes(one_pass: Callable[[], Awaitable[Pass]], deadline: float | N
 
 
 async def each_sale(ctx: dict[str, Any], job: str, work: Callable[[str], Awaitable[int]]) -> int:
-    """Run ``work`` for every live sale and add up what it did; one sale's failure is logged and
+    """Run ``work`` for every live sale and add up what it did; one sale's failure is logged as
+    that sale's outage of the job (its traceback once, then counted until it works again) and
     the job goes on to the next sale (the failed one is retried next tick)."""
+    health: WorkerHealth = ctx[HEALTH]
     total = 0
     for sale_id in await live_sale_ids(ctx["store"]):
+        name = f"{job} for sale {sale_id}"
         try:
             total += await work(sale_id)
         except STORES_LOST:
             # Not this sale's failure: the job fails as a whole, which reports the outage once
             # (workers.heartbeats), where each sale would log a traceback every tick.
             raise
-        except Exception:
-            log.exception("%s failed for sale %s; retrying next tick", job, sale_id)
+        except Exception as exc:
+            health.failed(name, exc, sale_id=sale_id)
+        else:
+            health.job(name).recovered()
     return total

@@ -67,6 +67,14 @@ class WorkerHealth:
             self.jobs[name] = Outage(f"job {name}", log)
         return self.jobs[name]
 
+    def failed(self, name: str, error: BaseException, **fields: str) -> None:
+        """``name`` (a job, or a job's work for one sale) failed: logged with its traceback
+        when it starts failing, then only counted until it works again."""
+        outage = self.job(name)
+        if outage.since is None:
+            log.error("%s failed", outage.what, exc_info=error, extra={"job": name, **fields})
+        outage.failed(error)
+
 
 def overdue_after_s(period_s: float) -> float:
     """How long a job of this period may go without completing before it counts as overdue:
@@ -100,9 +108,7 @@ def recorded(job: Job) -> WorkerCoroutine:
             health.stores.failed(exc)
             return 0
         except Exception as exc:
-            if outage.since is None:
-                log.error("job %s failed", name, exc_info=exc, extra={"job": name})
-            outage.failed(exc)
+            health.failed(name, exc)
             return 0
         finally:
             health.ran[name] = time.monotonic()

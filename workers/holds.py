@@ -69,33 +69,32 @@ async def expire_sale(
     sale_id: str,
     batch: int = BATCH,
     gateway: PaymentGateway | None = None,
-    deadline: float | None = None,
+    work: GatewayWork | None = None,
 ) -> int:
     """Expire the due holds of a sale; returns how many this call expired (or settled as paid).
 
     Due is judged by Redis's clock twice: here to pick candidates, and again inside ``release``
     so a hold whose expiry moved, or that a cancel or payment ended first, is left alone.
+    ``work``: the job run's gateway work, shared by every sale of the run (a gateway found down
+    or busy stops the whole run's calls, not one sale's); made from ``gateway`` when absent.
     """
     keys = sale_keys(sale_id)
     expired = await _release_due(redis, sale_id, keys.holds, batch)
-    if gateway is None:
+    if work is None and gateway is not None:
+        work = GatewayWork(redis, gateway, batch)
+    if work is None:
         # Without a gateway (tests, tools) holds with an intent expire plainly too; a payment
         # arriving later still takes the late-payment path in ``confirm``.
         return expired + await _release_due(redis, sale_id, keys.intent_holds, batch)
-    work = GatewayWork(redis, gateway, batch, deadline)
     return expired + await all_due(settle_pass, work, sale_id)
 
 
 async def expire_holds(ctx: dict[str, Any]) -> int:
     """The arq job: expire every due hold of every live sale (cancelling its PaymentIntent
     first)."""
-    deadline = time.monotonic() + JOB_WINDOW_S
+    work = GatewayWork(ctx["store"], ctx["gateway"], deadline=time.monotonic() + JOB_WINDOW_S)
     expired = await each_sale(
-        ctx,
-        "expiry",
-        lambda sale_id: expire_sale(
-            ctx["store"], sale_id, gateway=ctx["gateway"], deadline=deadline
-        ),
+        ctx, "expiry", lambda sale_id: expire_sale(ctx["store"], sale_id, work=work)
     )
     if expired:
         log.info("expired %d holds", expired)
