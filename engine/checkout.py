@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -10,9 +11,11 @@ from redis.asyncio import Redis
 from engine import inventory
 from engine.errors import Conflict, NotFound, Unavailable
 from engine.keys import sale_keys
-from engine.payments import GatewayBusy, GatewayUnavailable, PaymentGateway
+from engine.payments import GatewayBusy, GatewayRefused, GatewayUnavailable, PaymentGateway
 
-__all__ = ["ensure_intent", "payment_for"]
+__all__ = ["end_hold_with_intent", "ensure_intent", "payment_for"]
+
+log = logging.getLogger("flashsale.payments")
 
 
 async def ensure_intent(
@@ -68,3 +71,36 @@ async def payment_for(
         "amount": int(order.get("amount") or 0),
         "currency": order.get("currency", ""),
     }
+
+
+async def end_hold_with_intent(
+    redis: Redis,
+    gateway: PaymentGateway,
+    sale_id: str,
+    order_id: str,
+    intent_id: str,
+    state: str,
+) -> str:
+    """End a hold that has a PaymentIntent as ``state`` (``expired``, or ``failed`` on a
+    failure event), but ask the gateway to cancel the intent first and let its answer decide:
+    money that already moved makes the order paid (``confirm``), a payment still processing
+    keeps the hold ('reserved': the bank's own event decides), and an intent the gateway does
+    not know (keys switched, test data gone) cannot bring money, so the hold ends. Returns the
+    order's resulting state. ``GatewayUnavailable`` passes through: the hold stays until the
+    gateway answers."""
+    try:
+        intent = await gateway.cancel_intent(intent_id)
+    except GatewayRefused as exc:
+        log.warning(
+            "ending %s as %s: its intent %s is unknown to the gateway: %s",
+            order_id,
+            state,
+            intent_id,
+            exc,
+        )
+        return (await inventory.release(redis, sale_id, order_id, state)).state
+    if intent.status == "succeeded":
+        return (await inventory.confirm(redis, sale_id, order_id, intent_id)).state
+    if intent.status == "processing":
+        return "reserved"
+    return (await inventory.release(redis, sale_id, order_id, state)).state

@@ -23,9 +23,10 @@ import stripe
 from redis.asyncio import Redis
 
 from engine import inventory
+from engine.checkout import end_hold_with_intent
 from engine.errors import BadRequest, Conflict, NotFound
 from engine.ids import sale_of_order
-from engine.payments import GatewayRefused, GatewayUnavailable, PaymentGateway
+from engine.payments import GatewayUnavailable, PaymentGateway
 from engine.scripts import Code
 
 __all__ = ["HANDLED", "apply_event", "apply_pending", "receive", "verify"]
@@ -174,23 +175,11 @@ async def _fail(
     redis: Redis, gateway: PaymentGateway, sale_id: str, order_id: str, intent_id: str
 ) -> str:
     """A failed attempt ends the hold, but a failure event can be older than a retry the
-    shopper made since: ask Stripe to cancel first, and let its answer decide."""
+    shopper made since: the gateway's answer to a cancel decides."""
     try:
-        intent = await gateway.cancel_intent(intent_id)
+        return await end_hold_with_intent(redis, gateway, sale_id, order_id, intent_id, "failed")
     except GatewayUnavailable:
         return "pending"
-    except GatewayRefused as exc:
-        # Unknown to the gateway (keys switched, test data gone): no money can arrive through
-        # it, so the failure stands. Raising would stop every later stored event behind it.
-        log.warning(
-            "failing %s: its intent %s is unknown to the gateway: %s", order_id, intent_id, exc
-        )
-        return (await inventory.release(redis, sale_id, order_id, "failed")).state
-    if intent.status == "succeeded":
-        return (await inventory.confirm(redis, sale_id, order_id, intent_id)).state
-    if intent.status == "processing":
-        return "reserved"  # a later attempt is on its way; its own event decides
-    return (await inventory.release(redis, sale_id, order_id, "failed")).state
 
 
 async def apply_pending(

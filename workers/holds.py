@@ -2,7 +2,8 @@
 
 ``expire_holds`` is the arq job: it expires the due holds of every live sale. Holds without an
 intent (``keys.holds``) are released at once; holds with one (``keys.intent_holds``) only after
-the intent is cancelled at the gateway (``expire_or_settle``), in bounded passes.
+the intent is cancelled at the gateway (``engine.checkout.end_hold_with_intent``), in bounded
+passes.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from typing import Any
 from redis.asyncio import Redis
 
 from engine import inventory
+from engine.checkout import end_hold_with_intent
 from engine.keys import sale_keys
 from engine.payments import PaymentGateway
 from engine.scripts import Code
 from workers.context import BATCH, JOB_WINDOW_S, Pass, defer, due, each_sale, log
-from workers.payments import GatewayWork, all_due, expire_or_settle
+from workers.payments import GatewayWork, all_due
 
 __all__ = ["PROCESSING_RETRY_MS", "expire_holds", "expire_sale", "settle_pass"]
 
@@ -55,7 +57,9 @@ async def settle_pass(work: GatewayWork, sale_id: str) -> Pass:
         if not intent_id:  # attach_payment writes both at once: only a hand-made index entry
             result = await inventory.release(redis, sale_id, order_id, "expired")
             return result.code is Code.OK
-        state = await expire_or_settle(redis, work.gateway, sale_id, order_id, intent_id)
+        state = await end_hold_with_intent(
+            redis, work.gateway, sale_id, order_id, intent_id, "expired"
+        )
         if state == "reserved":
             await defer(redis, keys.intent_holds, order_id, PROCESSING_RETRY_MS)
             return False

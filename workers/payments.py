@@ -2,9 +2,9 @@
 hold's intent before the hold expires.
 
 A PaymentIntent is made when the shopper asks to pay (``engine.checkout``), never by a job.
-The arq job is ``refunds`` (``refund_pass`` and ``void_pass``); ``expire_or_settle`` runs
-inside the expiry job (``workers.holds``, ``settle_pass``). Each pass walks its own work index
-(``keys.refunds``, ``keys.voids``, ``keys.intent_holds``) a bounded batch at a time
+The arq job is ``refunds`` (``refund_pass`` and ``void_pass``); the expiry of holds with an
+intent runs inside the expiry job (``workers.holds``, ``settle_pass``). Each pass walks its own
+work index (``keys.refunds``, ``keys.voids``, ``keys.intent_holds``) a bounded batch at a time
 (``workers.context``).
 
 The gateway answering "unavailable" or "busy" for one order stops the job's gateway work: the
@@ -43,7 +43,6 @@ __all__ = [
     "GatewayWork",
     "PassFn",
     "all_due",
-    "expire_or_settle",
     "refund_pass",
     "refunds",
     "void_pass",
@@ -167,31 +166,6 @@ async def void_pass(work: GatewayWork, sale_id: str) -> Pass:
         return True
 
     return await work.walk(sale_id, keys.voids, ("pi",), one)
-
-
-async def expire_or_settle(
-    redis: Redis, gateway: PaymentGateway, sale_id: str, order_id: str, intent_id: str
-) -> str:
-    """Before a hold with an intent expires, cancel the intent; if the money already moved,
-    the order becomes paid instead. Returns the order's resulting state ('reserved': the bank
-    has not decided yet). ``GatewayUnavailable`` passes through: the hold stays until the
-    gateway answers."""
-    try:
-        intent = await gateway.cancel_intent(intent_id)
-    except GatewayRefused as exc:
-        # The gateway does not know the intent (keys switched, test data gone): no money can
-        # arrive through it, so the hold expires like one without an intent.
-        log.warning(
-            "expiring %s: its intent %s is unknown to the gateway: %s", order_id, intent_id, exc
-        )
-        return (await inventory.release(redis, sale_id, order_id, "expired")).state
-    if intent.status == "succeeded":
-        result = await inventory.confirm(redis, sale_id, order_id, intent_id)
-        return result.state
-    if intent.status == "processing":
-        return "reserved"  # the bank has not decided; its webhook will
-    released = await inventory.release(redis, sale_id, order_id, "expired")
-    return released.state
 
 
 async def refunds(ctx: dict[str, Any]) -> int:
