@@ -116,25 +116,15 @@ async def audit_sale(
     audit.withdrawn = int(sale.get("withdrawn", 0))
     limit = int(sale["per_user_limit"])
 
-    if audit.available < 0:
-        bad(f"stock is negative: {audit.available}")
-    if audit.available + audit.held + audit.sold + audit.withdrawn != audit.initial:
-        bad(
-            f"available {audit.available} + held {audit.held} + sold {audit.sold}"
-            f" + withdrawn {audit.withdrawn} != initial {audit.initial}"
-        )
-
     orders = await redis_orders(redis, sale_id)
     audit.orders_in_redis = len(orders)
     audit.states = dict(Counter(o["state"] for o in orders.values()))
-    units = {
-        state: sum(int(o["qty"]) for o in orders.values() if o["state"] == state)
-        for state in LIVE_STATES
-    }
-    if units["reserved"] != audit.held:
-        bad(f"orders in 'reserved' hold {units['reserved']} units, the counter says {audit.held}")
-    if units["paid"] != audit.sold:
-        bad(f"orders in 'paid' hold {units['paid']} units, the counter says {audit.sold}")
+    units = Counter[str]()
+    for o in orders.values():
+        units[o["state"]] += int(o["qty"])
+    audit.violations += _counter_rules(
+        audit.available, audit.held, audit.sold, audit.withdrawn, audit.initial, units
+    )
 
     per_user: Counter[str] = Counter()
     for o in orders.values():
@@ -284,21 +274,30 @@ def counter_violations(s: SaleSnapshot) -> list[str]:
     """The counter rules a snapshot of every order of its sale breaks: no negative stock,
     available + held + sold + withdrawn = initial, held and sold = the units of the orders in
     reserved and in paid."""
-    bad: list[str] = []
-    if s.available < 0:
-        bad.append(f"stock is negative: {s.available}")
-    if s.available + s.held + s.sold + s.withdrawn != s.initial:
-        bad.append(
-            f"available {s.available} + held {s.held} + sold {s.sold}"
-            f" + withdrawn {s.withdrawn} != initial {s.initial}"
-        )
     units = Counter[str]()
     for o in s.orders.values():
         units[o.state] += o.quantity
-    if units["reserved"] != s.held:
-        bad.append(f"orders in 'reserved' hold {units['reserved']} units, held says {s.held}")
-    if units["paid"] != s.sold:
-        bad.append(f"orders in 'paid' hold {units['paid']} units, sold says {s.sold}")
+    return _counter_rules(s.available, s.held, s.sold, s.withdrawn, s.initial, units)
+
+
+def _counter_rules(
+    available: int, held: int, sold: int, withdrawn: int, initial: int, units: Counter[str]
+) -> list[str]:
+    """What a sale's counters break, given the units of its orders by state: no negative
+    stock, available + held + sold + withdrawn = initial, held and sold = the units of the
+    orders in reserved and in paid."""
+    bad: list[str] = []
+    if available < 0:
+        bad.append(f"stock is negative: {available}")
+    if available + held + sold + withdrawn != initial:
+        bad.append(
+            f"available {available} + held {held} + sold {sold}"
+            f" + withdrawn {withdrawn} != initial {initial}"
+        )
+    if units["reserved"] != held:
+        bad.append(f"orders in 'reserved' hold {units['reserved']} units, held says {held}")
+    if units["paid"] != sold:
+        bad.append(f"orders in 'paid' hold {units['paid']} units, sold says {sold}")
     return bad
 
 
