@@ -1,5 +1,6 @@
-# The two commands a new machine needs: `make demo` and `make test` (see README.md).
-# Both install what they need first: Python packages into .venv, Debian's redis-server and
+# The two commands a new machine needs are `make demo` and `make test` (see README.md); `make
+# bench` and `make scale` measure.
+# Each installs what it needs first: Python packages into .venv, Debian's redis-server and
 # postgresql when missing (localrun.servers does that, and starts the servers itself).
 
 PYTHON ?= python3

@@ -7,9 +7,11 @@ same connections, duration, request shape and uvicorn set-up:
 1. **ceiling**: a bare Starlette endpoint, token and body only (``loadtests.benchapps``);
 2. **engine** placing orders while stock lasts (stock sized so the phase cannot sell out),
    with an outbox worker running beside it, then the time until the ledger has every order;
-3. **sold out**: the engine answering a sale that has no stock left;
-4. **baseline**: stock decided in Postgres with ``UPDATE ... WHERE stock >= $1`` + INSERT;
-5. **drain**: orders piled up with the worker stopped, then the worker's drain rate.
+3. **engine, appendfsync always**: the same, with Redis fsyncing every write for these slices
+   (CONFIG SET), so the engine meets the baseline's fsync-per-commit durability;
+4. **sold out**: the engine answering a sale that has no stock left;
+5. **baseline**: stock decided in Postgres with ``UPDATE ... WHERE stock >= $1`` + INSERT;
+6. **drain**: orders piled up with the worker stopped, then the worker's drain rate.
 
 Then every sale's invariants (``engine.invariants.audit_sale``), and a report: ``report.json``,
 ``report.md`` and ``throughput.png`` in ``--out``, plus the summary table on stdout.

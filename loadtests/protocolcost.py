@@ -130,6 +130,7 @@ async def _served(options: argparse.Namespace) -> None:
     finally:
         for proc, _ in servers.values():
             stop_process(proc)
+        localservices.down(options.dir)
 
 
 def _in_process(options: argparse.Namespace) -> None:

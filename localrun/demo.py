@@ -36,6 +36,8 @@ __all__ = ["Storm", "run_demo", "start_process", "stop_process", "wait_ready"]
 
 # Shoppers paying at once in the demo, and the Redis connections its mock gateway uses.
 PAYERS = 16
+# A shopper told "payment unavailable, retry after" gives up after this many tries.
+PAY_TRIES = 20
 
 
 def start_process(args: list[str], settings: Settings, log: Path) -> subprocess.Popen[bytes]:
@@ -149,7 +151,7 @@ async def checkout(
 
         async def pay(order_id: str) -> None:
             auth = {"Authorization": f"Bearer {result.owners[order_id]}"}
-            while True:
+            for _ in range(PAY_TRIES):
                 async with session.post(f"/v1/orders/{order_id}/pay", headers=auth) as response:
                     payment = await response.json()
                     if response.status == 200:
@@ -159,6 +161,9 @@ async def checkout(
                         return
                     # Over the gateway rate: a shopper tries again when told to.
                     await asyncio.sleep(float(response.headers.get("Retry-After", "1")))
+            else:
+                result.unexpected.append(f"pay: gateway still busy after {PAY_TRIES} tries")
+                return
             event = await gateway.settle(payment["payment_intent_id"], rng.random() < 0.8)
             body, signature = signed_event(event, secret)
             async with session.post(

@@ -6,17 +6,20 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
+import signal
 import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
+import stripe
 from redis.asyncio import Redis
 
 from engine.db import connect_postgres, connect_redis, migrate
@@ -28,11 +31,13 @@ from engine.payments import (
     GatewayUnavailable,
     Intent,
     PaymentGateway,
+    StripeGateway,
 )
 from engine.sales import create_sale
 from engine.scripts import load_scripts
 from engine.settings import Settings
 from localrun import servers as localservices
+from localrun.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 SERVICES_DIR = ROOT / ".flashsale" / "test"
@@ -182,3 +187,62 @@ def ledger_sale(redis: Redis, db: asyncpg.Pool) -> SaleFactory:
         return sale
 
     return make
+
+
+# --- payments: localstripe, one server for the session --------------------------------------
+
+SECRET = "whsec_flashsale_tests"
+
+
+@pytest.fixture(scope="session")
+def localstripe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("localstripe") / "localstripe.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tests.localstripe_server", "--port", str(port)],
+            stdout=out,
+            stderr=out,
+            cwd=Path(__file__).parents[1],
+        )
+    base = f"http://127.0.0.1:{port}"
+    # Generous: on a loaded 2-core machine its imports alone have taken several seconds.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(base + "/v1/balance", auth=("sk_test_x", ""), timeout=1)
+            break
+        except httpx.TransportError:
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, "localstripe did not start:\n" + log.read_text()
+            time.sleep(0.1)
+    yield base
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(10)
+
+
+@pytest.fixture
+def pay_settings(settings: Settings, localstripe: str) -> Settings:
+    return replace(
+        settings,
+        stripe_api_key="sk_test_flashsale",
+        stripe_api_base=localstripe,
+        webhook_secret=SECRET,
+        admin_token="admin-" + "x" * 24,
+    )
+
+
+@pytest.fixture
+async def gateway(pay_settings: Settings) -> AsyncIterator[StripeGateway]:
+    assert pay_settings.stripe_api_key
+    gateway = StripeGateway(pay_settings.stripe_api_key, pay_settings.stripe_api_base)
+    yield gateway
+    await gateway.aclose()
+
+
+@pytest.fixture
+def sdk(pay_settings: Settings) -> stripe.StripeClient:
+    """The shopper's side: what Stripe.js would do with the client secret."""
+    return stripe.StripeClient(
+        "sk_test_flashsale", base_addresses={"api": pay_settings.stripe_api_base or ""}
+    )

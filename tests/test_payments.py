@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -31,68 +28,13 @@ from engine.reconcile import reconcile
 from engine.settings import Settings
 from localrun.demo import start_process, stop_process, wait_ready
 from localrun.servers import free_port
-from tests.conftest import SaleFactory, flashsale
+from tests.conftest import SECRET, SaleFactory, flashsale
 from workers.holds import expire_sale
 from workers.outbox import drain_sale
 from workers.payments import GatewayWork, all_due, refund_pass, void_pass
 
-SECRET = "whsec_flashsale_tests"
 VISA = "4242424242424242"
 DECLINED = "4000000000000341"  # localstripe declines this one when charging
-
-
-@pytest.fixture(scope="session")
-def localstripe(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
-    log = tmp_path_factory.mktemp("localstripe") / "localstripe.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.localstripe_server", "--port", str(port)],
-            stdout=out,
-            stderr=out,
-            cwd=Path(__file__).parents[1],
-        )
-    base = f"http://127.0.0.1:{port}"
-    # Generous: on a loaded 2-core machine its imports alone have taken several seconds.
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            httpx.get(base + "/v1/balance", auth=("sk_test_x", ""), timeout=1)
-            break
-        except httpx.TransportError:
-            assert proc.poll() is None, log.read_text()
-            assert time.monotonic() < deadline, "localstripe did not start:\n" + log.read_text()
-            time.sleep(0.1)
-    yield base
-    proc.send_signal(signal.SIGTERM)
-    proc.wait(10)
-
-
-@pytest.fixture
-def pay_settings(settings: Settings, localstripe: str) -> Settings:
-    return replace(
-        settings,
-        stripe_api_key="sk_test_flashsale",
-        stripe_api_base=localstripe,
-        webhook_secret=SECRET,
-        admin_token="admin-" + "x" * 24,
-    )
-
-
-@pytest.fixture
-async def gateway(pay_settings: Settings) -> AsyncIterator[StripeGateway]:
-    assert pay_settings.stripe_api_key
-    gateway = StripeGateway(pay_settings.stripe_api_key, pay_settings.stripe_api_base)
-    yield gateway
-    await gateway.aclose()
-
-
-@pytest.fixture
-def sdk(pay_settings: Settings) -> stripe.StripeClient:
-    """The shopper's side: what Stripe.js would do with the client secret."""
-    return stripe.StripeClient(
-        "sk_test_flashsale", base_addresses={"api": pay_settings.stripe_api_base or ""}
-    )
 
 
 @pytest.fixture
@@ -253,6 +195,7 @@ async def test_event_for_an_unknown_order_is_kept_and_applied_later(
     redis: Redis,
     db: asyncpg.Pool,
     ledger_sale: SaleFactory,
+    gateway: StripeGateway,
 ):
     from engine.webhooks import apply_pending
 

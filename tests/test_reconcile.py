@@ -18,7 +18,6 @@ from engine.reconcile import CURSOR_OVERLAP_S, reconcile
 from engine.settings import Settings
 from tests.conftest import CountingGateway, SaleFactory, flashsale
 from tests.test_payment_jobs import holds_with_intents
-from tests.test_payments import gateway, localstripe, pay_settings, sdk  # noqa: F401
 from workers.outbox import drain_sale
 
 
@@ -105,8 +104,8 @@ async def test_250_changes_are_read_in_three_pages(
 
 
 async def test_stripe_event_pages_cover_every_event_once(
-    gateway: StripeGateway,  # noqa: F811
-    sdk: stripe.StripeClient,  # noqa: F811
+    gateway: StripeGateway,
+    sdk: stripe.StripeClient,
 ):
     """Against localstripe: 150 events since a moment ago, read in pages of 100."""
     since = int(time.time())

@@ -21,8 +21,8 @@ QUANTILES = ("p50", "p99", "max")
 @pytest.mark.slow
 def test_scale_smoke_writes_a_complete_report(tmp_path: Path):
     out = tmp_path / "report.json"
-    # Drain and expiry only: the payment-intents job reads every live hold each second, and
-    # the ledger wait at the end would time that job, not the program.
+    # Drain and expiry only: the program waits at each fill point until every worker job has run
+    # since (up to SETTLE_MAX_S), and the reconcile job runs once a minute.
     options = ["--smoke", "--jobs", "drain_outboxes,expire_holds", "--rate", "500", "--out", out]
     result = subprocess.run(
         [
@@ -49,16 +49,17 @@ def test_scale_smoke_writes_a_complete_report(tmp_path: Path):
     assert high["worker_rss_mb"] > 0 and high["redis_mb"] > low["redis_mb"]
     assert high["worker_peak_rss_mb"] >= high["worker_rss_mb"]
     assert low["every_job_ran_after_s"] is not None and high["every_job_ran_after_s"] is not None
-    for figure in ("worker_rss_bytes_per_hold", "redis_bytes_per_hold"):
-        assert isinstance(report["holds"][figure], float), figure
+    # Redis holds every hold; the worker's memory per hold may be about nothing, either sign.
+    assert report["holds"]["redis_bytes_per_hold"] > 0
+    assert isinstance(report["holds"]["worker_rss_bytes_per_hold"], float)
     assert report["holds"]["redis_mb_at_1m_holds"] > high["redis_mb"]
-    assert report["idle"]["worker_rss_mb"] > 0 and report["idle"]["worker_cpu_pct"] >= 0
+    assert report["idle"]["worker_rss_mb"] > 0
 
     soak = report["soak"]
     assert soak["orders"] == 5_000 and soak["refused"] == {}
     assert 0 < soak["sustained_orders_per_s"] <= 500 * 1.01
     assert soak["worker_cpu_pct"] > 0 and soak["worker_rss_mb_end"] > 0
-    assert isinstance(soak["worker_rss_mb_per_min"], float)
+    assert soak["worker_rss_mb_start"] > 0
     for figure in ("ledger_lag_orders", "ledger_lag_s", "oldest_unwritten_s"):
         values = [soak[figure][q] for q in QUANTILES]
         assert 0 <= values[0] <= values[1] <= values[2], figure

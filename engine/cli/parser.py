@@ -259,10 +259,10 @@ def _add_tooling(commands: _Commands) -> None:
         "benchmark placing orders against a bare-Starlette ceiling and a Postgres baseline",
         "Start Redis and Postgres in --dir (which the bench owns: it empties them), then drive, "
         "round robin (one second of each per round) with wrk, a ceiling (bare Starlette "
-        "endpoint: token and body only), the engine while stock lasts, the engine after "
-        "sell-out, and a naive Postgres baseline; time the ledger and the outbox drain; check "
-        "every invariant. Writes report.json, report.md and throughput.png to --out and prints a "
-        "summary. Exit status "
+        "endpoint: token and body only), the engine while stock lasts (also with Redis on "
+        "appendfsync always), the engine after sell-out, and a naive Postgres baseline; time "
+        "the ledger and the outbox drain; check every invariant. Writes report.json, report.md "
+        "and throughput.png to --out and prints a summary. Exit status "
         "1 when an invariant is violated (timing targets are reported, never enforced), 2 when "
         "the bench extra is not installed (pip install 'flashsale[bench]').",
     )
