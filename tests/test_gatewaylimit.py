@@ -4,6 +4,7 @@ gateways sharing it, and the gateway's own 429 making every caller back off."""
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -71,12 +72,14 @@ async def test_gateway_rate_flood_admits_the_burst_and_what_fits_the_wait(redis:
         except GatewayBusy:
             return None
 
+    started = time.monotonic()
     waits = await asyncio.gather(*(one() for _ in range(200)))
+    # While the flood's calls reach Redis, the clock moves on and frees a slot every 10 ms.
+    freed = math.ceil((time.monotonic() - started) / 0.01)
     admitted = sorted(w for w in waits if w is not None)
-    # Slots 0-9 at once, then one per 10 ms up to half a second: 60, and a few more for the
-    # time the flood itself took.
-    assert 60 <= len(admitted) <= 66
-    assert 10 <= admitted.count(0.0) <= 12
+    # Slots 0-9 at once, then one per 10 ms up to half a second: 60, and those freed meanwhile.
+    assert 60 <= len(admitted) <= 60 + freed + 1
+    assert 10 <= admitted.count(0.0) <= 10 + freed + 1
     assert 0.45 < admitted[-1] <= 0.5
 
 
