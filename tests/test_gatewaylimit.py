@@ -24,6 +24,7 @@ from engine.settings import Settings
 from tests.conftest import CountingGateway, SaleFactory
 from tests.test_scripts import snapshot
 from workers.context import Pass
+from workers.heartbeats import HEALTH, WorkerHealth
 from workers.payments import GatewayWork, refunds, void_pass
 
 
@@ -163,7 +164,10 @@ async def test_a_429_from_the_gateway_backs_every_caller_off_and_fails_no_job(
         # A job meeting it stops its pass, keeps the order in its index, and does not fail.
         assert await void_pass(GatewayWork(redis, gateway), sale.id) == Pass(0, False)
         await redis.sadd(LIVE_SALES, sale.id)
-        assert await refunds({"store": redis, "gateway": gateway, "settings": settings}) == 0
+        health = WorkerHealth()
+        ctx = {"store": redis, "gateway": gateway, "settings": settings, HEALTH: health}
+        assert await refunds(ctx) == 0
+        assert not [name for name, outage in health.jobs.items() if outage.since is not None]
         assert await redis.zrange(sale_keys(sale.id).voids, 0, -1) == [hold.order_id]
     finally:
         await stripe_gateway.aclose()
