@@ -20,28 +20,32 @@ import secrets
 import shutil
 import signal
 import subprocess
+import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field, replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import urlsplit
 
 import aiohttp
+import httpx
 import orjson
 import pytest
 
+from engine import inventory
 from engine.db import connect_postgres, connect_redis, migrate
 from engine.http.auth import mint_tokens
-from engine.invariants import ledger_agrees, wait_for_ledger
+from engine.invariants import ledger_agrees, redis_snapshot, wait_for_ledger
 from engine.inventory import SaleDefinition
-from engine.keys import WORKER_HEARTBEATS
+from engine.keys import WORKER_HEARTBEATS, sale_keys
 from engine.sales import create_sale
 from engine.settings import Settings
 from localrun import servers
 from localrun.demo import start_process, stop_process, wait_ready
-from tests.conftest import ROOT, sale_definition
+from tests.conftest import ROOT, SECRET, sale_definition
 
 pytestmark = pytest.mark.slow
 
@@ -74,6 +78,8 @@ class Shoppers:
     sale_id: str
     tokens: dict[str, str]  # user -> token
     rate: float
+    # What a shopper does next with an order answered 201 (pay, cancel), if anything.
+    then: Callable[[aiohttp.ClientSession, Answer], Awaitable[None]] | None = None
     answers: list[Answer] = field(default_factory=list)
 
     @property
@@ -113,6 +119,8 @@ class Shoppers:
                     retry_after=retry_after,
                 )
             )
+            if status == 201 and self.then is not None:
+                await self.then(session, self.answers[-1])
             if status != 503:
                 return
             await asyncio.sleep(float(retry_after or 1))
@@ -147,8 +155,12 @@ class Stack:
     def base_url(self) -> str:
         return f"http://{self.settings.host}:{self.settings.port}"
 
-    def shoppers(self, rate: float) -> Shoppers:
-        return Shoppers(self.base_url, self.sale.id, self.tokens, rate)
+    def shoppers(
+        self,
+        rate: float,
+        then: Callable[[aiohttp.ClientSession, Answer], Awaitable[None]] | None = None,
+    ) -> Shoppers:
+        return Shoppers(self.base_url, self.sale.id, self.tokens, rate, then)
 
     async def restart_redis(self) -> None:
         """Start Redis again on its port and folder, from its AOF (in a thread: the shoppers'
@@ -158,7 +170,10 @@ class Stack:
         assert again == same  # so the fixture's clean-up stops this one
 
 
-StackFactory = Callable[[str], Awaitable[Stack]]
+class StackFactory(Protocol):
+    def __call__(
+        self, database_url: str, hold_seconds: int = 600, **settings: Any
+    ) -> Awaitable[Stack]: ...
 
 
 async def _wait_for(what: str, ready: Callable[[], Awaitable[bool]], timeout_s: float) -> None:
@@ -176,11 +191,12 @@ def _stop_redis(server: servers.RedisServer) -> None:
 
 @pytest.fixture
 async def stack(settings: Settings, tmp_path: Path) -> AsyncIterator[StackFactory]:
-    """Makes the stack on a database given by DSN: its own Redis, the sale, a server and a
-    worker; stops all of it afterwards, a stopped Redis included."""
+    """Makes the stack on a database given by DSN: its own Redis, the sale (holds of
+    ``hold_seconds``), a server and a worker with ``settings`` changed; stops all of it
+    afterwards, a stopped Redis included."""
     cleanups: list[Callable[[], None]] = []
 
-    async def make(database_url: str) -> Stack:
+    async def make(database_url: str, hold_seconds: int = 600, **overrides: Any) -> Stack:
         await migrate(database_url)
         redis_server = await asyncio.to_thread(servers.start_redis, tmp_path, None, "always")
         cleanups.append(lambda: _stop_redis(redis_server))
@@ -191,8 +207,11 @@ async def stack(settings: Settings, tmp_path: Path) -> AsyncIterator[StackFactor
             port=servers.free_port(),
             redis_deadline_ms=DEADLINE_MS,
             log_format="json",
+            **overrides,
         )
-        sale = sale_definition(stock=STOCK, per_user_limit=LIMIT, per_order_max=LIMIT)
+        sale = sale_definition(
+            stock=STOCK, per_user_limit=LIMIT, per_order_max=LIMIT, hold_seconds=hold_seconds
+        )
         redis = connect_redis(own, pool_size=4)
         db = await connect_postgres(own, max_size=2)
         try:
@@ -296,11 +315,16 @@ def _outage_logged_once(stack: Stack) -> None:
 
 
 async def _under_load(
-    stack: Stack, rate: float, before_s: float, fault: Callable[[], Awaitable[None]], after_s: float
+    stack: Stack,
+    rate: float,
+    before_s: float,
+    fault: Callable[[], Awaitable[None]],
+    after_s: float,
+    then: Callable[[aiohttp.ClientSession, Answer], Awaitable[None]] | None = None,
 ) -> tuple[Shoppers, float]:
-    """Shoppers at ``rate`` orders/s: ``before_s``, then ``fault()``, then ``after_s``. Returns
-    them and when the fault ended."""
-    shoppers = stack.shoppers(rate)
+    """Shoppers at ``rate`` orders/s (doing ``then`` with each order answered 201):
+    ``before_s``, then ``fault()``, then ``after_s``. Returns them and when the fault ended."""
+    shoppers = stack.shoppers(rate, then)
     stop = asyncio.Event()
     load = asyncio.create_task(shoppers.run(stop))
     try:
@@ -427,3 +451,236 @@ async def test_postgres_stopped_under_load_the_worker_catches_up(
     # Every 10 s and every minute: their next run, maybe after this look, ends their outage.
     assert began - ended <= {"job webhook_retries", "job reconcile_sales"}
     assert text.count("Traceback (most recent call last)") <= 5, text[-5000:]
+
+
+class FlakyStripe:
+    """Stripe as the engine sees it, in front of localstripe, that can fail on demand.
+
+    While ``failing``, requests are answered in turn: 429 ``rate_limit_error`` with Retry-After
+    1 (not done), 500 ``api_error`` (not done), and 500 after localstripe did it (the answer
+    lost on the way back: the case only an idempotency key makes safe). Like Stripe, and unlike
+    localstripe, a POST with an ``Idempotency-Key`` seen before gets the first result again.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        self.failing = False
+        self.answered: Counter[int] = Counter()
+        self._upstream = httpx.Client(base_url=upstream, timeout=10)
+        self._seen: dict[str, tuple[int, bytes]] = {}
+        self._turn = 0
+        self._lock = threading.Lock()
+        flaky = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                status, payload, retry_after = flaky.handle(
+                    self.command, self.path, dict(self.headers), body
+                )
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                if retry_after:
+                    self.send_header("Retry-After", retry_after)
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_DELETE = _answer
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def _forward(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, bytes]:
+        key = headers.get("Idempotency-Key") if method == "POST" else None
+        with self._lock:
+            if key is not None and key in self._seen:
+                return self._seen[key]
+        passed = {
+            k: v for k, v in headers.items() if k.lower() in ("authorization", "content-type")
+        }
+        response = self._upstream.request(method, path, headers=passed, content=body)
+        result = response.status_code, response.content
+        if key is not None and response.status_code < 500:
+            with self._lock:
+                result = self._seen.setdefault(key, result)
+        return result
+
+    def handle(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, bytes, str | None]:
+        with self._lock:
+            turn, self._turn = self._turn, self._turn + 1
+            failing = self.failing
+        if not failing:
+            status, payload = self._forward(method, path, headers, body)
+            retry_after = None
+        elif turn % 3 == 0:
+            status, retry_after = 429, "1"
+            payload = b'{"error": {"type": "rate_limit_error", "message": "Too many requests"}}'
+        else:
+            if turn % 3 == 2:
+                self._forward(method, path, headers, body)  # done, but the answer is lost
+            status, retry_after = 500, None
+            payload = b'{"error": {"type": "api_error", "message": "Something went wrong"}}'
+        with self._lock:
+            self.answered[status] += 1
+        return status, payload, retry_after
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._upstream.close()
+
+
+@pytest.fixture
+def flaky_stripe(localstripe: str) -> Iterator[FlakyStripe]:
+    flaky = FlakyStripe(localstripe)
+    yield flaky
+    flaky.close()
+
+
+@dataclass(frozen=True)
+class PayAnswer:
+    order_id: str
+    status: int
+    code: str
+    intent_id: str
+    sent: float
+    retry_after: str | None
+
+
+async def test_gateway_failing_for_30_s_under_load(
+    fresh_database: str, stack: StackFactory, flaky_stripe: FlakyStripe, localstripe: str
+) -> None:
+    """The payment gateway answers 429s and 500s for 30 s (some after doing the work) while
+    shoppers order, pay and cancel, and holds of 6 s expire. Orders never notice: the gateway is
+    not on their path. A pay call answers 503 ``payment-unavailable`` with Retry-After at once,
+    and the same call succeeds once the gateway is back. The worker logs the gateway's outage
+    once, keeps every hold whose intent it could not cancel until it can, then ends them all.
+    Afterwards: the ledger equals Redis; each order has at most one intent at the gateway, the
+    one Redis names, and every one of them is cancelled (nothing was paid)."""
+    stack_ = await stack(
+        fresh_database,
+        hold_seconds=6,
+        stripe_api_key="sk_test_flashsale",
+        stripe_api_base=flaky_stripe.url,
+        webhook_secret=SECRET,
+    )
+    pays: list[PayAnswer] = []
+
+    async def pay_then_maybe_cancel(session: aiohttp.ClientSession, order: Answer) -> None:
+        headers = {"Authorization": f"Bearer {stack_.tokens[order.user]}"}
+        path = f"/v1/sales/{stack_.sale.id}/orders/{order.order_id}"
+        for _ in range(60):  # a shopper who keeps trying as told, for a minute or so
+            sent = time.monotonic()
+            async with session.post(path + "/pay", headers=headers) as response:
+                body: dict[str, Any] = await response.json(content_type=None)
+                retry_after = response.headers.get("Retry-After")
+                pays.append(
+                    PayAnswer(
+                        order.order_id,
+                        response.status,
+                        str(body.get("code", "")),
+                        str(body.get("payment_intent_id", "")),
+                        sent,
+                        retry_after,
+                    )
+                )
+            if response.status != 503:
+                break
+            await asyncio.sleep(float(retry_after or 1))
+        if int(order.key.removeprefix("order-")) % 3 == 0:
+            async with session.delete(path, headers=headers) as response:
+                assert response.status in (200, 409), await response.text()
+
+    async def fail_for_30_s() -> None:
+        flaky_stripe.failing = True
+        try:
+            await asyncio.sleep(30)
+        finally:
+            flaky_stripe.failing = False
+
+    shoppers, recovered = await _under_load(
+        stack_, 15, 3, fail_for_30_s, 8, then=pay_then_maybe_cancel
+    )
+    assert stack_.worker.poll() is None, stack_.worker_log.read_text()[-3000:]
+    assert flaky_stripe.answered[429] > 10 and flaky_stripe.answered[500] > 20
+
+    # The order path never met the gateway: every order answered at once, none with a 5xx.
+    outcomes = Counter((a.status, a.code) for a in shoppers.answers)
+    assert set(outcomes) <= {(201, ""), (409, "sold-out"), (409, "limit-exceeded")}, outcomes
+    assert max(a.seconds for a in shoppers.answers) < DEADLINE_MS / 1000, outcomes
+
+    # A pay call meeting the outage is told to come back, and coming back works.
+    pay_outcomes = Counter((p.status, p.code) for p in pays)
+    allowed = {(200, ""), (503, "payment-unavailable"), (409, "order-not-payable")}
+    assert set(pay_outcomes) <= allowed, pay_outcomes
+    assert all(p.retry_after for p in pays if p.status == 503)
+    refused = {p.order_id for p in pays if p.status == 503}
+    assert len(refused) > 20, pay_outcomes
+    later = {p.order_id for p in pays if p.status == 200 and p.sent >= recovered}
+    assert len(refused & later) > 5, pay_outcomes
+
+    # Every hold ends (cancelled or expired, its intent cancelled at the gateway first), and
+    # nothing is left in the payment work indexes.
+    accepted = shoppers.accepted
+    keys = sale_keys(stack_.sale.id)
+    redis = connect_redis(stack_.settings, pool_size=4)
+    db = await connect_postgres(stack_.settings, max_size=2)
+    try:
+
+        async def all_ended() -> bool:
+            snapshot = await redis_snapshot(redis, stack_.sale.id, accepted)
+            assert snapshot is not None
+            pending = await redis.zcard(keys.voids) + await redis.zcard(keys.intent_holds)
+            return not pending and all(
+                o.state in ("expired", "cancelled") for o in snapshot.orders.values()
+            )
+
+        await _wait_for("holds still live or intents not cancelled", all_ended, 60)
+        await wait_for_ledger(redis, stack_.sale.id, timeout_s=30)
+        snapshot, violations = await ledger_agrees(redis, db, stack_.sale.id, accepted, 30)
+        orders = [await inventory.read_order(redis, stack_.sale.id, oid) for oid in accepted]
+    finally:
+        await redis.aclose()
+        await db.close()
+    assert violations == []
+    assert snapshot.orders.keys() == accepted.keys()
+    assert snapshot.held == snapshot.sold == 0 and snapshot.available == STOCK
+
+    # At the gateway: one intent per order that asked to pay, the one Redis names, cancelled;
+    # none made twice by a retry whose first answer was lost.
+    named = {o["pi"]: o["id"] for o in orders if o is not None and o.get("pi")}
+    assert named.keys() >= {p.intent_id for p in pays if p.status == 200}
+    at_gateway = _intents_of_sale(localstripe, stack_.sale.id)
+    assert at_gateway.keys() == named.keys()
+    assert set(at_gateway.values()) == {"canceled"}
+
+    # One outage of the gateway in the worker's log, not a line per tick.
+    records, text = _worker_log(stack_)
+    gateway_events = [r["event"] for r in records if r.get("dependency") == "payment gateway"]
+    assert gateway_events == ["outage.start", "outage.end"], gateway_events
+    assert text.count("Traceback (most recent call last)") <= 5, text[-5000:]
+
+
+def _intents_of_sale(stripe_url: str, sale_id: str) -> dict[str, str]:
+    """intent id -> status, for every intent localstripe has for the sale."""
+    found: dict[str, str] = {}
+    with httpx.Client(base_url=stripe_url, auth=("sk_test_flashsale", ""), timeout=10) as http:
+        after: str | None = None
+        while True:
+            params = {"limit": "100", **({"starting_after": after} if after else {})}
+            page = http.get("/v1/payment_intents", params=params).raise_for_status().json()
+            for intent in page["data"]:
+                if intent["metadata"].get("sale_id") == sale_id:
+                    found[intent["id"]] = intent["status"]
+            if not page["has_more"] or not page["data"]:
+                return found
+            after = page["data"][-1]["id"]

@@ -60,6 +60,8 @@ class WorkerHealth:
     # Redis or Postgres away for the whole worker: arq's loop died of it, or a job lost Redis.
     stores: Outage = field(default_factory=lambda: Outage("worker's stores", log))
     jobs: dict[str, Outage] = field(default_factory=dict)  # a job failing on its own
+    # The payment gateway down or busy, whichever job meets it (workers.payments.GatewayWork).
+    gateway: Outage = field(default_factory=lambda: Outage("payment gateway", log))
     ran: dict[str, float] = field(default_factory=dict)  # job -> monotonic end of its last run
 
     def job(self, name: str) -> Outage:

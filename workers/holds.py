@@ -9,7 +9,6 @@ passes.
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 from redis.asyncio import Redis
@@ -19,8 +18,8 @@ from engine.checkout import end_hold_with_intent
 from engine.keys import sale_keys
 from engine.payments import PaymentGateway
 from engine.scripts import Code
-from workers.context import BATCH, JOB_WINDOW_S, Pass, defer, due, each_sale, log
-from workers.payments import GatewayWork, all_due
+from workers.context import BATCH, Pass, defer, due, each_sale, log
+from workers.payments import GatewayWork, all_due, job_work
 
 __all__ = ["PROCESSING_RETRY_MS", "expire_holds", "expire_sale", "settle_pass"]
 
@@ -96,7 +95,7 @@ async def expire_sale(
 async def expire_holds(ctx: dict[str, Any]) -> int:
     """The arq job: expire every due hold of every live sale (cancelling its PaymentIntent
     first)."""
-    work = GatewayWork(ctx["store"], ctx["gateway"], deadline=time.monotonic() + JOB_WINDOW_S)
+    work = job_work(ctx)
     expired = await each_sale(
         ctx, "expiry", lambda sale_id: expire_sale(ctx["store"], sale_id, work=work)
     )

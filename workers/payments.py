@@ -26,6 +26,7 @@ from redis.asyncio import Redis
 
 from engine import inventory
 from engine.keys import sale_keys
+from engine.logs import Outage
 from engine.payments import GatewayRefused, GatewayUnavailable, PaymentGateway
 from engine.scripts import Code
 from workers.context import (
@@ -38,11 +39,13 @@ from workers.context import (
     in_passes,
     order_fields,
 )
+from workers.heartbeats import HEALTH, WorkerHealth
 
 __all__ = [
     "GatewayWork",
     "PassFn",
     "all_due",
+    "job_work",
     "refund_pass",
     "refunds",
     "void_pass",
@@ -63,7 +66,11 @@ OrderWork = Callable[[str, list[str | None]], Awaitable[bool]]
 class GatewayWork:
     """One job run's gateway work over work indexes, a few orders at a time: the clients, the
     batch a pass reads, and the deadline. The first ``GatewayUnavailable`` (down, or busy:
-    over the rate) or the deadline stops all of it; what was not started stays due."""
+    over the rate) or the deadline stops all of it; what was not started stays due.
+
+    A gateway down for minutes is one outage of the worker (``WorkerHealth.gateway``, passed in
+    as ``outage``): logged when the first call fails and when one succeeds again, not once per
+    tick of every job that meets it."""
 
     def __init__(
         self,
@@ -71,11 +78,13 @@ class GatewayWork:
         gateway: PaymentGateway,
         batch: int = BATCH,
         deadline: float | None = None,
+        outage: Outage | None = None,
     ) -> None:
         self.redis = redis
         self.gateway = gateway
         self.batch = batch
         self.deadline = deadline
+        self.outage = outage if outage is not None else Outage("payment gateway", log)
         self.stopped = False
         self._gate = asyncio.Semaphore(GATEWAY_CONCURRENCY)
 
@@ -86,12 +95,14 @@ class GatewayWork:
             if self.stopped:
                 return False
             try:
-                return await work()
+                done = await work()
             except GatewayUnavailable as exc:
-                if not self.stopped:
-                    log.warning("gateway unavailable, backing off until the next tick: %s", exc)
+                # Backs off until the next tick: what was not started stays due.
+                self.outage.failed(exc)
                 self.stopped = True
                 return False
+            self.outage.recovered()
+            return done
 
     async def walk(
         self, sale_id: str, index: str, fields: tuple[str, ...], work: OrderWork
@@ -106,6 +117,18 @@ class GatewayWork:
             *(self._run(partial(work, oid, row)) for oid, row in zip(found, rows, strict=True))
         )
         return Pass(done=sum(done), more=len(found) == self.batch and not self.stopped)
+
+
+def job_work(ctx: dict[str, Any]) -> GatewayWork:
+    """The gateway work of one run of a job, inside its window, reporting into the worker's
+    one gateway outage."""
+    health: WorkerHealth = ctx[HEALTH]
+    return GatewayWork(
+        ctx["store"],
+        ctx["gateway"],
+        deadline=time.monotonic() + JOB_WINDOW_S,
+        outage=health.gateway,
+    )
 
 
 PassFn = Callable[[GatewayWork, str], Awaitable[Pass]]
@@ -171,7 +194,7 @@ async def void_pass(work: GatewayWork, sale_id: str) -> Pass:
 async def refunds(ctx: dict[str, Any]) -> int:
     """The arq job: refund at the gateway what is owed (late payments without stock, admin
     refunds), and cancel the intents of cancelled orders."""
-    work = GatewayWork(ctx["store"], ctx["gateway"], deadline=time.monotonic() + JOB_WINDOW_S)
+    work = job_work(ctx)
 
     async def one(sale_id: str) -> int:
         return await all_due(refund_pass, work, sale_id) + await all_due(void_pass, work, sale_id)
