@@ -8,9 +8,10 @@ not see). ``make_gateway`` wraps every gateway in ``RateLimitedGateway``, so no 
 around it.
 
 A caller takes the next free slot and sleeps until it comes, unless that is further away than
-it will wait: then ``GatewayBusy``. The shopper's ``POST /pay`` waits at most ``PAY_MAX_WAIT_S``
-(and answers 503 with Retry-After); background jobs wait at most ``BACKGROUND_MAX_WAIT_S``, so
-when shoppers keep the limiter busy the jobs get fewer slots, never the shoppers. When the
+it will wait: then ``OverRate`` (a ``GatewayBusy``). The shopper's ``POST /pay`` waits at
+most ``PAY_MAX_WAIT_S`` (and answers 503 with Retry-After); background jobs wait at most
+``BACKGROUND_MAX_WAIT_S``, so when shoppers keep the limiter busy the jobs get fewer slots,
+never the shoppers. When the
 gateway itself answers "too many requests", its retry-after's worth of slots is taken for
 everyone.
 """
@@ -18,13 +19,23 @@ everyone.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from redis.asyncio import Redis
 
 from engine.keys import GATEWAY_RATE
-from engine.payments import EventPage, GatewayBusy, Intent, PaymentGateway
+from engine.metrics import GATEWAY_CALLS, GATEWAY_SECONDS
+from engine.payments import (
+    EventPage,
+    GatewayBusy,
+    GatewayRefused,
+    GatewayUnavailable,
+    Intent,
+    OverRate,
+    PaymentGateway,
+)
 from engine.scripts import SCRIPTS, Code
 
 __all__ = [
@@ -60,7 +71,7 @@ class GatewayLimiter:
         self._burst = max(1, int(rate_per_s * BURST_S))
 
     async def take(self, max_wait_s: float | None, cost: int = 1, not_before_s: float = 0) -> float:
-        """Take ``cost`` slots; returns the seconds to wait before calling. ``GatewayBusy``
+        """Take ``cost`` slots; returns the seconds to wait before calling. ``OverRate``
         (nothing taken) when that is longer than ``max_wait_s``; None takes them anyway.
         ``not_before_s``: no call may start sooner than this from now."""
         max_wait_us = -1 if max_wait_s is None else int(max_wait_s * 1_000_000)
@@ -77,7 +88,7 @@ class GatewayLimiter:
         )
         wait_s = int(reply[1]) / 1_000_000
         if Code(reply[0]) is Code.RATE_LIMITED:
-            raise GatewayBusy(
+            raise OverRate(
                 f"over the gateway rate of {self.rate_per_s}/s: next slot in {wait_s:.2f} s",
                 retry_after_s=wait_s,
             )
@@ -97,34 +108,50 @@ class RateLimitedGateway:
         self._limiter = limiter
         self._max_wait_s = max_wait_s
 
-    async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
-        wait_s = await self._limiter.take(self._max_wait_s)
+    async def _call(self, operation: str, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            wait_s = await self._limiter.take(self._max_wait_s)
+        except OverRate:
+            GATEWAY_CALLS.labels(operation, "limited").inc()  # refused here, never sent
+            raise
         if wait_s > 0:
             await asyncio.sleep(wait_s)
+        started = time.perf_counter()
+        outcome = "ok"
         try:
             return await call()
         except GatewayBusy as exc:
+            outcome = "busy"
             await self._limiter.back_off(exc.retry_after_s)
             raise
+        except GatewayUnavailable:
+            outcome = "unavailable"
+            raise
+        except GatewayRefused:
+            outcome = "refused"
+            raise
+        finally:
+            GATEWAY_CALLS.labels(operation, outcome).inc()
+            GATEWAY_SECONDS.labels(operation).observe(time.perf_counter() - started)
 
     async def create_intent(
         self, order_id: str, sale_id: str, amount: int, currency: str
     ) -> Intent:
         return await self._call(
-            lambda: self.inner.create_intent(order_id, sale_id, amount, currency)
+            "create_intent", lambda: self.inner.create_intent(order_id, sale_id, amount, currency)
         )
 
     async def retrieve_intent(self, intent_id: str) -> Intent:
-        return await self._call(lambda: self.inner.retrieve_intent(intent_id))
+        return await self._call("retrieve_intent", lambda: self.inner.retrieve_intent(intent_id))
 
     async def cancel_intent(self, intent_id: str) -> Intent:
-        return await self._call(lambda: self.inner.cancel_intent(intent_id))
+        return await self._call("cancel_intent", lambda: self.inner.cancel_intent(intent_id))
 
     async def refund(self, intent_id: str, order_id: str) -> str:
-        return await self._call(lambda: self.inner.refund(intent_id, order_id))
+        return await self._call("refund", lambda: self.inner.refund(intent_id, order_id))
 
     async def event_page(self, since: int, starting_after: str | None) -> EventPage:
-        return await self._call(lambda: self.inner.event_page(since, starting_after))
+        return await self._call("event_page", lambda: self.inner.event_page(since, starting_after))
 
     async def aclose(self) -> None:
         await self.inner.aclose()

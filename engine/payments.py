@@ -8,6 +8,7 @@ the deployment's gateway with every call passing one shared rate limit
 
     GatewayUnavailable   worth a retry later (network, 5xx): the job tries again next tick
     └── GatewayBusy      over a rate limit, ours or the gateway's 429; ``retry_after_s``
+        └── OverRate     over the deployment's own limit: nothing was sent, nothing failed
     GatewayRefused       no for this object (unknown intent, bad state): retrying won't help
 """
 
@@ -34,6 +35,7 @@ __all__ = [
     "GatewayRefused",
     "GatewayUnavailable",
     "Intent",
+    "OverRate",
     "PaymentGateway",
     "StripeGateway",
     "events_since",
@@ -65,6 +67,11 @@ class GatewayBusy(GatewayUnavailable):
     def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class OverRate(GatewayBusy):
+    """The deployment's own shared rate (``engine.gatewaylimit``) has no slot soon enough: the
+    call was not sent. Not a failure of the gateway (workers do not count it as an outage)."""
 
 
 class GatewayRefused(Exception):

@@ -30,12 +30,15 @@ This is the only module that reads ``os.environ``. Everything else receives a ``
 | FLASHSALE_MAX_ORDERS_IN_FLIGHT | ``2048``: orders awaiting Redis per process; more get 503 |
 | FLASHSALE_LOG_FORMAT           | ``auto``: text on a terminal, else JSON lines; or json, text |
 | FLASHSALE_GATEWAY_RATE_PER_S   | ``80``: payment gateway calls a second, whole deployment |
+| FLASHSALE_METRICS              | ``on``: count requests for ``GET /metrics``; or ``off`` |
+| FLASHSALE_METRICS_DIR          | ``<temp dir>/flashsale-metrics``: one per machine |
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
@@ -112,6 +115,14 @@ class Settings:
     # Payment gateway calls a second, every server and worker together (engine.gatewaylimit):
     # under Stripe's live-mode limit of 100 operations a second per account.
     gateway_rate_per_s: int = 80
+    # Whether servers count requests for /metrics (engine.http.metrics); off only to measure
+    # what counting costs.
+    metrics: bool = True
+    # Where every server and worker process of the machine writes its metrics for /metrics to
+    # add up (prometheus-client's multiprocess mode).
+    metrics_dir: str = field(
+        default_factory=lambda: os.path.join(tempfile.gettempdir(), "flashsale-metrics")
+    )
 
     @property
     def jwt_algorithm(self) -> str:
@@ -173,6 +184,9 @@ class Settings:
                 env, "FLASHSALE_MAX_ORDERS_IN_FLIGHT", cls.max_orders_in_flight, 1
             ),
             gateway_rate_per_s=_int(env, "FLASHSALE_GATEWAY_RATE_PER_S", cls.gateway_rate_per_s, 1),
+            metrics=_choice(env, "FLASHSALE_METRICS", "on", ("on", "off")) == "on",
+            metrics_dir=env.get("FLASHSALE_METRICS_DIR")
+            or os.path.join(tempfile.gettempdir(), "flashsale-metrics"),
         )
         if settings.environment == "production" and not (
             settings.jwt_secret or settings.jwt_public_key
@@ -223,6 +237,8 @@ class Settings:
             "FLASHSALE_MAX_ORDERS_IN_FLIGHT": str(self.max_orders_in_flight),
             "FLASHSALE_LOG_FORMAT": self.log_format,
             "FLASHSALE_GATEWAY_RATE_PER_S": str(self.gateway_rate_per_s),
+            "FLASHSALE_METRICS": "on" if self.metrics else "off",
+            "FLASHSALE_METRICS_DIR": self.metrics_dir,
         }
         optional = {
             "FLASHSALE_JWT_SECRET": self.jwt_secret,

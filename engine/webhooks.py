@@ -26,6 +26,7 @@ from engine import inventory
 from engine.checkout import end_hold_with_intent
 from engine.errors import BadRequest, Conflict, NotFound
 from engine.ids import sale_of_order
+from engine.metrics import WEBHOOK_EVENTS
 from engine.payments import GatewayUnavailable, PaymentGateway
 from engine.scripts import Code
 
@@ -106,8 +107,10 @@ async def receive(
         orjson.dumps(event).decode(),
     )
     if stored is None:
+        WEBHOOK_EVENTS.labels(event["type"], "duplicate").inc()
         return "duplicate"
     outcome = await apply_event(redis, gateway, event, order_id, intent_id)
+    WEBHOOK_EVENTS.labels(event["type"], outcome).inc()
     if outcome != "pending":
         await db.execute(
             "UPDATE webhook_events SET processed_at = now(), outcome = $2 WHERE id = $1",

@@ -7,6 +7,8 @@ same connections, duration, request shape and uvicorn set-up:
 1. **ceiling**: a bare Starlette endpoint, token and body only (``loadtests.benchapps``);
 2. **engine** placing orders while stock lasts (stock sized so the phase cannot sell out),
    with an outbox worker running beside it, then the time until the ledger has every order;
+   and the same engine in a second server with metrics off, so what counting requests for
+   ``/metrics`` costs is read side by side;
 3. **engine, appendfsync always**: the same, with Redis fsyncing every write for these slices
    (CONFIG SET), so the engine meets the baseline's fsync-per-commit durability;
 4. **sold out**: the engine answering a sale that has no stock left;
@@ -63,12 +65,15 @@ DIRECT_BATCH = 500
 WORKER_JOBS = "drain_outboxes,expire_holds"
 # Within a round, the sold-out slice follows the engine's (the engine server stays warm) and the
 # ceiling comes last, farthest from any drain the engine's slice set off.
-PHASE_ORDER = ("engine", "engine_fsync", "sold_out", "baseline", "ceiling")
+PHASE_ORDER = ("engine", "engine_unmetered", "engine_fsync", "sold_out", "baseline", "ceiling")
 # The phase that runs the engine with Redis fsyncing every write (``appendfsync always``, set
 # live with CONFIG SET for its slices only), so the engine is compared with the Postgres
 # baseline, which fsyncs every commit, at the same durability: nothing answered is lost.
 FSYNC_PHASE = "engine_fsync"
 SERVER_APPS = ("ceiling", "engine", "baseline")
+# The engine once more, in a server of its own with metrics off (``FLASHSALE_METRICS=off``): what
+# counting every request for /metrics costs the order path is this phase against the engine's.
+UNMETERED = "engine_unmetered"
 SOLD_OUT_REFRESH_MS = 50
 
 
@@ -115,12 +120,16 @@ class Servers:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.urls: dict[str, str] = {}
 
-    async def serve(self, app: str) -> subprocess.Popen[bytes]:
-        settings = replace(self.settings, port=localservices.free_port())
-        proc = start_process(["serve", "--app", app], settings, self.logs / f"{app}.log")
-        self.procs[app] = proc
-        self.urls[app] = f"http://{settings.host}:{settings.port}"
-        await wait_ready(self.urls[app])
+    async def serve(
+        self, app: str, name: str | None = None, **changes: Any
+    ) -> subprocess.Popen[bytes]:
+        """Serve ``app`` as ``name`` (default: the app's), with ``changes`` to the settings."""
+        name = name or app
+        settings = replace(self.settings, port=localservices.free_port(), **changes)
+        proc = start_process(["serve", "--app", app], settings, self.logs / f"{name}.log")
+        self.procs[name] = proc
+        self.urls[name] = f"http://{settings.host}:{settings.port}"
+        await wait_ready(self.urls[name])
         return proc
 
     def work(self) -> None:
@@ -229,7 +238,7 @@ def _meter(services_dir: Path, servers: Servers) -> CpuMeter:
 
     return CpuMeter(
         {
-            **{f"{app} server": process(app) for app in SERVER_APPS},
+            **{f"{app} server": process(app) for app in (*SERVER_APPS, UNMETERED)},
             "drain worker": process("worker"),
             "redis": lambda: processes_s([redis_pid]) if redis_pid else 0.0,
             "postgres": lambda: postmaster_and_backends(pg_pid) if pg_pid else 0.0,
@@ -294,6 +303,7 @@ async def _bench(options: BenchOptions) -> dict[str, Any]:
         hold_seconds=3600,
         # Sold-out answers from memory (engine.http.soldout): exact with one server process.
         sold_out_refresh_ms=SOLD_OUT_REFRESH_MS,
+        metrics_dir=str(options.dir / "metrics"),
     )
     await migrate(settings.database_url)
     options.out.mkdir(parents=True, exist_ok=True)
@@ -307,6 +317,7 @@ async def _bench(options: BenchOptions) -> dict[str, Any]:
     ids = {k: f"bench-{stamp}-{k}" for k in ("a", "b", "c", "base")}
     path = {
         "engine": f"/v1/sales/{ids['a']}/orders",
+        UNMETERED: f"/v1/sales/{ids['a']}/orders",
         "engine_fsync": f"/v1/sales/{ids['a']}/orders",
         "sold_out": f"/v1/sales/{ids['b']}/orders",
         "baseline": f"/v1/sales/{ids['base']}/orders",
@@ -326,6 +337,7 @@ async def _bench(options: BenchOptions) -> dict[str, Any]:
 
         print("starting the ceiling, the engine (with an outbox worker) and the baseline")
         server = {app: await servers.serve(app) for app in SERVER_APPS}
+        await servers.serve("engine", UNMETERED, metrics=False)
         servers.work()
         meter = _meter(options.dir, servers)
         url = {
@@ -333,9 +345,14 @@ async def _bench(options: BenchOptions) -> dict[str, Any]:
             "sold_out": servers.urls["engine"],
             FSYNC_PHASE: servers.urls["engine"],
         }
-        for app in SERVER_APPS:
-            # The engine warms up on the sold-out sale, so phase (a)'s sale stays untouched.
-            _warm(options, url[app], path["sold_out" if app == "engine" else app], tokens)
+        for app in (*SERVER_APPS, UNMETERED):
+            # The engines warm up on the sold-out sale, so phase (a)'s sale stays untouched.
+            _warm(
+                options,
+                url[app],
+                path[app if app in ("ceiling", "baseline") else "sold_out"],
+                tokens,
+            )
         phases = {
             name: Phase(
                 name=name, url=url[name], connections=options.connections, threads=options.threads
@@ -357,7 +374,7 @@ async def _bench(options: BenchOptions) -> dict[str, Any]:
                 phases[name].add_cpu(meter.spent(before, meter.read()))
                 if name == FSYNC_PHASE:
                     await redis.config_set("appendfsync", options.appendfsync)
-                if name in ("engine", FSYNC_PHASE):
+                if name in ("engine", UNMETERED, FSYNC_PHASE):
                     # The next phase must not pay for this one's drain: wait for the ledger.
                     ledger_waits.append(await wait_for_ledger(redis, ids["a"]))
         figures["ledger_complete_s"] = round(max(ledger_waits), 3)
@@ -438,12 +455,13 @@ def _report(
     violations = [f"{name}: {v}" for name, a in audits.items() for v in a.violations]
     # Phase (a) must have taken orders all along: every answer a 201, and the sale not sold out.
     a = audits["engine"]
-    for name, phase in (("engine", engine), (FSYNC_PHASE, fsync)):
+    for name, phase in (("engine", engine), (UNMETERED, raw[UNMETERED]), (FSYNC_PHASE, fsync)):
         if phase["non_2xx"]:
             violations.append(f"{name}: {phase['non_2xx']} answers while stock lasted were not 201")
     # The fsync phase and the profiled run placed orders in the same sale.
     runs = [
         phases["engine"],
+        phases[UNMETERED],
         phases[FSYNC_PHASE],
         *([figures["profiled"]] if "profiled" in figures else []),
     ]
@@ -492,6 +510,9 @@ def _report(
                 engine["latency_ms"]["p99"], baseline["latency_ms"]["p99"]
             ),
             "engine_fsync_to_engine": _ratio(fsync["throughput_rps"], engine["throughput_rps"]),
+            "engine_metered_to_unmetered": _ratio(
+                engine["throughput_rps"], raw[UNMETERED]["throughput_rps"]
+            ),
             "engine_fsync_to_baseline": _ratio(fsync["throughput_rps"], baseline["throughput_rps"]),
         },
         "persistence": {

@@ -117,6 +117,8 @@ def settings(services: dict[str, str]) -> Settings:
         jwt_secret="test-" + secrets.token_hex(16),
         # Tests kill workers on purpose; their entries are reclaimed after half a second.
         claim_idle_ms=500,
+        # The servers and workers tests start share the suite's folder, not the machine's.
+        metrics_dir=str(SERVICES_DIR / "metrics"),
     )
 
 

@@ -577,7 +577,7 @@ async def test_gateway_failing_for_30_s_under_load(
 
     async def pay_then_maybe_cancel(session: aiohttp.ClientSession, order: Answer) -> None:
         headers = {"Authorization": f"Bearer {stack_.tokens[order.user]}"}
-        path = f"/v1/sales/{stack_.sale.id}/orders/{order.order_id}"
+        path = f"/v1/orders/{order.order_id}"
         for _ in range(60):  # a shopper who keeps trying as told, for a minute or so
             sent = time.monotonic()
             async with session.post(path + "/pay", headers=headers) as response:
@@ -597,7 +597,7 @@ async def test_gateway_failing_for_30_s_under_load(
                 break
             await asyncio.sleep(float(retry_after or 1))
         if int(order.key.removeprefix("order-")) % 3 == 0:
-            async with session.delete(path, headers=headers) as response:
+            async with session.post(path + "/cancel", headers=headers) as response:
                 assert response.status in (200, 409), await response.text()
 
     async def fail_for_30_s() -> None:
@@ -655,24 +655,38 @@ async def test_gateway_failing_for_30_s_under_load(
     assert snapshot.orders.keys() == accepted.keys()
     assert snapshot.held == snapshot.sold == 0 and snapshot.available == STOCK
 
-    # At the gateway: one intent per order that asked to pay, the one Redis names, cancelled;
-    # none made twice by a retry whose first answer was lost.
-    named = {o["pi"]: o["id"] for o in orders if o is not None and o.get("pi")}
-    assert named.keys() >= {p.intent_id for p in pays if p.status == 200}
-    at_gateway = _intents_of_sale(localstripe, stack_.sale.id)
-    assert at_gateway.keys() == named.keys()
-    assert set(at_gateway.values()) == {"canceled"}
+    # At the gateway: never two intents for one order (a retry whose first answer was lost gets
+    # the first intent again, by its idempotency key), and the one Redis names is cancelled.
+    # An order can also have an intent Redis never heard of: made while the answer was lost,
+    # and the hold ended before any retry. Nobody ever got its client secret, so nobody can pay
+    # it: it stays unconfirmed (reconcile --full lists it).
+    named = {o["id"]: o.get("pi", "") for o in orders if o is not None}
+    assert {p.intent_id for p in pays if p.status == 200} <= set(named.values())
+    intents_of: dict[str, list[tuple[str, str]]] = {}
+    for intent_id, (status, order_id) in _intents_of_sale(localstripe, stack_.sale.id).items():
+        intents_of.setdefault(order_id, []).append((intent_id, status))
+    assert intents_of.keys() <= named.keys()
+    for order_id, intents in intents_of.items():
+        assert len(intents) == 1, (order_id, intents)
+        [(intent_id, status)] = intents
+        if named[order_id]:
+            assert (intent_id, status) == (named[order_id], "canceled"), (order_id, intents)
+        else:
+            assert status == "requires_payment_method", (order_id, intents)
+    assert all(intents_of.get(oid) for oid, pi in named.items() if pi)
 
-    # One outage of the gateway in the worker's log, not a line per tick.
+    # At most one outage of the gateway in the worker's log, not a line per tick (the shoppers'
+    # pay calls can keep the shared rate's slots, pushed back by every 429, for the whole
+    # fault: then the worker never sends a call, and has no failure to report).
     records, text = _worker_log(stack_)
     gateway_events = [r["event"] for r in records if r.get("dependency") == "payment gateway"]
-    assert gateway_events == ["outage.start", "outage.end"], gateway_events
+    assert gateway_events in ([], ["outage.start", "outage.end"]), gateway_events
     assert text.count("Traceback (most recent call last)") <= 5, text[-5000:]
 
 
-def _intents_of_sale(stripe_url: str, sale_id: str) -> dict[str, str]:
-    """intent id -> status, for every intent localstripe has for the sale."""
-    found: dict[str, str] = {}
+def _intents_of_sale(stripe_url: str, sale_id: str) -> dict[str, tuple[str, str]]:
+    """intent id -> (status, order id), for every intent localstripe has for the sale."""
+    found: dict[str, tuple[str, str]] = {}
     with httpx.Client(base_url=stripe_url, auth=("sk_test_flashsale", ""), timeout=10) as http:
         after: str | None = None
         while True:
@@ -680,7 +694,7 @@ def _intents_of_sale(stripe_url: str, sale_id: str) -> dict[str, str]:
             page = http.get("/v1/payment_intents", params=params).raise_for_status().json()
             for intent in page["data"]:
                 if intent["metadata"].get("sale_id") == sale_id:
-                    found[intent["id"]] = intent["status"]
+                    found[intent["id"]] = intent["status"], intent["metadata"].get("order_id", "")
             if not page["has_more"] or not page["data"]:
                 return found
             after = page["data"][-1]["id"]

@@ -359,6 +359,7 @@ async def test_with_its_stores_down_the_app_answers_what_is_documented(
         ("POST", "/v1/admin/orders/{order_id}/refund"): {
             "headers": {"Authorization": f"Bearer {ADMIN}"}
         },
+        ("GET", "/metrics"): {},
         ("GET", "/health"): {},
         ("GET", "/ready"): {},
         ("GET", "/openapi.json"): {},

@@ -75,7 +75,7 @@ async def test_every_route_in_the_table_passes_the_hook(
     await client.post(f"/v1/orders/{order}/cancel", headers=auth(settings))
     await client.post("/v1/webhooks/stripe", content=b"{}")
     await client.post(f"/v1/admin/orders/{order}/refund")
-    for path in ("/health", "/ready", "/openapi.json", "/docs"):
+    for path in ("/metrics", "/health", "/ready", "/openapi.json", "/docs"):
         await client.get(path)
     app = create_app(settings)
     seen = {(method, route) for method, route, _, _ in recorder.left}

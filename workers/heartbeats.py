@@ -24,6 +24,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from engine.keys import WORKER_HEARTBEATS
 from engine.logs import Outage
+from engine.metrics import JOB_LAST_SUCCESS, JOB_RUNS, JOB_SECONDS
 
 __all__ = [
     "HEALTH",
@@ -108,12 +109,17 @@ def recorded(job: Job) -> WorkerCoroutine:
             done = await job(ctx)
         except REDIS_LOST as exc:
             health.stores.failed(exc)
+            JOB_RUNS.labels(name, "failed").inc()
             return 0
         except Exception as exc:
             health.failed(name, exc)
+            JOB_RUNS.labels(name, "failed").inc()
             return 0
         finally:
             health.ran[name] = time.monotonic()
+            JOB_SECONDS.labels(name).observe(health.ran[name] - started)
+        JOB_RUNS.labels(name, "ok").inc()
+        JOB_LAST_SUCCESS.labels(name).set(time.time())
         outage.recovered()
         # Every job reads the live sales from Redis, after a startup that reached Postgres: one
         # that completed means the worker is back, and the outage ends now, not at the next

@@ -22,7 +22,8 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
 from engine.keys import OUTBOX_GROUP, sale_keys
-from engine.ledger import entry_changes, write_changes
+from engine.ledger import entry_changes, units_moved, write_changes
+from engine.metrics import LEDGER_CHANGES, UNITS
 from engine.sales import live_sale_ids
 from engine.scripts import SCRIPTS
 from engine.settings import Settings
@@ -64,6 +65,11 @@ async def _write_and_ack(
     # written again by whoever claims them.
     outbox = sale_keys(sale_id).outbox
     await _ack(redis, [outbox], [OUTBOX_GROUP, ",".join(entry_id for entry_id, _ in entries)])
+    # Counted after the commit: a change written twice (claimed after a crash) counts twice.
+    LEDGER_CHANGES.labels(sale_id).inc(len(changes))
+    for change, units in units_moved(changes).items():
+        if units:
+            UNITS.labels(change).inc(units)
     return len(changes)
 
 

@@ -27,7 +27,7 @@ from redis.asyncio import Redis
 from engine import inventory
 from engine.keys import sale_keys
 from engine.logs import Outage
-from engine.payments import GatewayRefused, GatewayUnavailable, PaymentGateway
+from engine.payments import GatewayRefused, GatewayUnavailable, OverRate, PaymentGateway
 from engine.scripts import Code
 from workers.context import (
     BATCH,
@@ -96,6 +96,10 @@ class GatewayWork:
                 return False
             try:
                 done = await work()
+            except OverRate:
+                # The deployment's own rate, not a failure: the rest waits for the next tick.
+                self.stopped = True
+                return False
             except GatewayUnavailable as exc:
                 # Backs off until the next tick: what was not started stays due.
                 self.outage.failed(exc)

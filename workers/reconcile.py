@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from engine.metrics import RECONCILE_DIFFERENCES
 from engine.reconcile import reconcile
 from workers.context import each_sale, log
 
@@ -24,6 +25,7 @@ async def reconcile_sales(ctx: dict[str, Any]) -> int:
         report = await reconcile(ctx["store"], ctx["db"], ctx["gateway"], sale_id, full=False)
         for difference in report.differences:
             log.warning("reconcile %s: %s", sale_id, difference)
+            RECONCILE_DIFFERENCES.labels(difference.kind).inc()
         return len(report.differences)
 
     return await each_sale(ctx, "reconcile", one)

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from engine.settings import Settings
@@ -22,16 +23,31 @@ SERVE_APPS = {
 }
 
 
+def _share_metrics(settings: Settings) -> None:
+    """Make this process, and the server processes it starts, write their metrics to the
+    machine's one folder that ``/metrics`` adds up. prometheus-client picks where it keeps
+    values when it is first imported, from this variable: it is set before anything imports
+    it, and uvicorn's server processes inherit it."""
+    folder = Path(settings.metrics_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
+    from engine.metrics import forget_dead_processes
+
+    forget_dead_processes(folder)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.log_format:
+        # Read by every server process's app factory (engine.http.asgi), uvicorn's workers too.
+        os.environ["FLASHSALE_LOG_FORMAT"] = args.log_format
+    settings = Settings.from_env()
+    _share_metrics(settings)
+
     import uvicorn
 
     from engine.http.protocol import LimitedHttpToolsProtocol
     from engine.logs import configure
 
-    if args.log_format:
-        # Read by every server process's app factory (engine.http.asgi), uvicorn's workers too.
-        os.environ["FLASHSALE_LOG_FORMAT"] = args.log_format
-    settings = Settings.from_env()
     configure(settings.log_format, args.log_level)
     uvicorn.run(
         SERVE_APPS[args.app],
@@ -50,13 +66,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    _share_metrics(settings)  # before the jobs' modules import prometheus-client
+
     from arq.connections import RedisSettings
 
     from engine.logs import configure
     from workers import runner
     from workers.settings import PERIODS_S, WorkerSettings
 
-    settings = Settings.from_env()
     known = {job.name.removeprefix("cron:") for job in WorkerSettings.cron_jobs}
     wanted = set(args.jobs.split(",")) if args.jobs else known
     if wanted - known:

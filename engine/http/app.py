@@ -24,6 +24,7 @@ from engine.errors import MethodNotAllowed, NotFound, ProblemError, problem_resp
 from engine.http import admin, orders, probes, sales, webhooks
 from engine.http.auth import TokenVerifier
 from engine.http.context import Services
+from engine.http.metrics import RequestMetrics, flushing, metrics_route
 from engine.http.orderroute import OrderRoute
 from engine.http.routing import BareRoute, FrontDoor, RequestHook
 from engine.logs import Outage
@@ -50,6 +51,7 @@ def route_table(order_route: OrderRoute) -> list[BaseRoute]:
         Route("/v1/orders/{order_id}/pay", orders.pay_order, methods=["POST"]),
         Route("/v1/webhooks/stripe", webhooks.stripe_webhook, methods=["POST"]),
         Route("/v1/admin/orders/{order_id}/refund", admin.refund_order, methods=["POST"]),
+        Route("/metrics", metrics_route, methods=["GET"]),
         Route("/health", probes.health, methods=["GET"]),
         Route("/ready", probes.ready, methods=["GET"]),
         Route("/openapi.json", probes.openapi, methods=["GET"]),
@@ -105,7 +107,11 @@ def create_app(
         app.state.services = found
         await load_scripts(client)
         try:
-            yield
+            if isinstance(hook, RequestMetrics):
+                async with flushing(hook):
+                    yield
+            else:
+                yield
         finally:
             await order_route.aclose()
             await found.payments.aclose()

@@ -21,6 +21,7 @@ import logging
 from starlette.applications import Starlette
 
 from engine.http.app import create_app
+from engine.http.metrics import RequestMetrics
 from engine.logs import configure
 from engine.settings import Settings
 
@@ -39,4 +40,4 @@ def create() -> Starlette:
     # where only the uvicorn loggers carry serve's --log-level).
     level = logging.getLogger("uvicorn.error").getEffectiveLevel()
     configure(settings.log_format, logging.getLevelName(level).lower())
-    return settled(create_app(settings))
+    return settled(create_app(settings, hook=RequestMetrics() if settings.metrics else None))

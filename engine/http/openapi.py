@@ -285,6 +285,20 @@ def _paths() -> dict[str, Any]:
                 security=_ADMIN,
             ),
         },
+        "/metrics": {
+            "get": _operation(
+                "metrics",
+                "service",
+                "Prometheus metrics of every server and worker process of the machine",
+                {
+                    "200": {
+                        "description": "Prometheus text exposition format 0.0.4",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    }
+                },
+                (),
+            )
+        },
         "/health": {
             "get": _operation(
                 "health",

@@ -27,6 +27,7 @@ from starlette.types import Receive, Scope, Send
 from engine.errors import PROBLEM_MEDIA_TYPE, PROBLEM_SCOPE_KEY, MethodNotAllowed, ProblemError
 
 __all__ = [
+    "REPLAYED_SCOPE_KEY",
     "BareHandler",
     "BareRoute",
     "FrontDoor",
@@ -34,6 +35,9 @@ __all__ = [
     "send_problem",
 ]
 
+# Set in the scope by the order route when its answer replays an earlier order (a hook counting
+# outcomes tells a replay from a new order by it; both are 201).
+REPLAYED_SCOPE_KEY = "flashsale.replayed"
 # The template reported for a request no route matched (a 404 or a bad method on no route).
 UNMATCHED = "unmatched"
 

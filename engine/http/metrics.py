@@ -1,0 +1,114 @@
+"""Counting requests for Prometheus, and ``GET /metrics``.
+
+The order route carries the storm, so a request never touches prometheus-client: it only adds
+to plain dictionaries of its own process (``RequestMetrics.leave``, under a microsecond), and
+``flush`` moves the sums into the shared metrics once a second and before every scrape. A
+prometheus-client ``inc`` in multiprocess mode writes a memory-mapped file under a lock; three
+of them per order (request, latency, outcome) would cost several percent of the order path
+(``make bench`` reports the engine with this hook beside the engine without it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from bisect import bisect_left
+from collections.abc import AsyncIterator
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import Scope
+
+from engine import metrics
+from engine.http.routing import REPLAYED_SCOPE_KEY, RequestHook
+
+__all__ = ["RequestMetrics", "flushing", "metrics_route"]
+# How often each process moves its counts into the shared metrics (s): a scrape of another
+# process sees this one's requests at most this late.
+FLUSH_EVERY_S = 1.0
+
+
+def _order_outcome(status: int, code: str, replayed: bool) -> tuple[str, str]:
+    if status in (200, 201):
+        return ("replayed" if replayed else "accepted"), ""
+    if code == "sold-out":
+        return "sold_out", ""
+    if code == "limit-exceeded":
+        return "limit_exceeded", ""
+    return "rejected", code or str(status)
+
+
+class RequestMetrics(RequestHook):
+    """Counts every request the front door answers into this process's own sums; ``flush``
+    moves them into the shared metrics."""
+
+    def __init__(self) -> None:
+        self._requests: dict[tuple[str, str, int, str], int] = {}
+        # (route, method) -> [count per bucket..., count above every bound, sum of seconds]
+        self._latency: dict[tuple[str, str], list[float]] = {}
+        self._orders: dict[tuple[str, str], int] = {}
+
+    def leave(
+        self, scope: Scope, route: str, status: int, code: str | None, seconds: float
+    ) -> None:
+        method: str = scope["method"]
+        key = (route, method, status, code or "")
+        self._requests[key] = self._requests.get(key, 0) + 1
+        sums = self._latency.get((route, method))
+        if sums is None:
+            sums = self._latency[(route, method)] = [0.0] * (len(metrics.LATENCY_BUCKETS) + 2)
+        # A bucket holds what is at most its bound: bisect_left finds the first bound >= seconds.
+        sums[bisect_left(metrics.LATENCY_BUCKETS, seconds)] += 1
+        sums[-1] += seconds
+        if route == metrics.ORDER_ROUTE and method == "POST":
+            outcome = _order_outcome(status, code or "", bool(scope.get(REPLAYED_SCOPE_KEY)))
+            self._orders[outcome] = self._orders.get(outcome, 0) + 1
+
+    def flush(self) -> None:
+        """Add what was counted since the last flush to the shared metrics."""
+        requests, self._requests = self._requests, {}
+        latency, self._latency = self._latency, {}
+        orders, self._orders = self._orders, {}
+        for (route, method, status, code), count in requests.items():
+            metrics.REQUESTS.labels(route, method, str(status), code).inc(count)
+        for (route, method), sums in latency.items():
+            child = metrics.LATENCY.labels(route, method)
+            # prometheus-client observes one value at a time; these are whole buckets, so they
+            # go into the child's own per-bucket values and sum (tests/test_metrics.py checks
+            # the rendered histogram against the requests sent: a change there fails loudly).
+            buckets: list[Any] = child._buckets
+            for i, in_bucket in enumerate(sums[:-1]):
+                if in_bucket:
+                    buckets[i].inc(in_bucket)
+            child._sum.inc(sums[-1])
+        for (outcome, code), count in orders.items():
+            metrics.ORDERS.labels(outcome, code).inc(count)
+
+
+@contextlib.asynccontextmanager
+async def flushing(hook: RequestMetrics) -> AsyncIterator[None]:
+    """Flush ``hook`` every ``FLUSH_EVERY_S`` while the app runs, and once at its end."""
+
+    async def loop() -> None:
+        while True:
+            await asyncio.sleep(FLUSH_EVERY_S)
+            hook.flush()
+
+    task = asyncio.create_task(loop())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        hook.flush()
+
+
+async def metrics_route(request: Request) -> Response:
+    """Every process's metrics in Prometheus's text format."""
+    hook = request.app.hook
+    if isinstance(hook, RequestMetrics):
+        hook.flush()  # this process's own requests, up to this one
+    body = metrics.render()
+    return Response(body, media_type=metrics.CONTENT_TYPE_LATEST)

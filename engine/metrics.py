@@ -1,0 +1,187 @@
+"""Prometheus metrics: what the front door, the workers and the gateway count, and ``/metrics``.
+
+With ``FLASHSALE_METRICS_DIR`` set, prometheus-client runs in its multiprocess mode: every
+process (each uvicorn worker, each ``flashsale worker``) writes its values to files in that
+folder and ``/metrics`` adds them up, so a scrape of any server process sees the whole machine.
+The CLI exports the folder as ``PROMETHEUS_MULTIPROC_DIR`` before anything imports
+prometheus-client (the library picks its storage at import). Without it, each process counts
+for itself (tests, tools).
+
+Requests are counted by ``engine.http.metrics``, the per-sale gauges read at scrape time there.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
+
+__all__ = [
+    "CONTENT_TYPE_LATEST",
+    "GATEWAY_CALLS",
+    "GATEWAY_SECONDS",
+    "JOB_LAST_SUCCESS",
+    "JOB_RUNS",
+    "JOB_SECONDS",
+    "LATENCY",
+    "LATENCY_BUCKETS",
+    "LEDGER_CHANGES",
+    "ORDERS",
+    "ORDER_ROUTE",
+    "RECONCILE_DIFFERENCES",
+    "REQUESTS",
+    "UNITS",
+    "WEBHOOK_EVENTS",
+    "forget_dead_processes",
+    "multiprocess_dir",
+    "render",
+]
+
+# The order route's template: its requests are also counted by outcome.
+ORDER_ROUTE = "/v1/sales/{sale_id}/orders"
+
+# Seconds. The order route answers in about a millisecond; a stalled store takes its deadline
+# (one second by default); a payment call can take the gateway's ten.
+LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+REQUESTS = Counter(
+    "flashsale_http_requests_total",
+    "HTTP requests answered, by route template, method, status and problem code ('' if none).",
+    ["route", "method", "status", "code"],
+)
+LATENCY = Histogram(
+    "flashsale_http_request_duration_seconds",
+    "Time from a request's arrival to its answer, by route template and method.",
+    ["route", "method"],
+    buckets=LATENCY_BUCKETS,
+)
+ORDERS = Counter(
+    "flashsale_orders_total",
+    "Order requests by outcome (accepted, replayed, sold_out, limit_exceeded, rejected) and, "
+    "for rejected ones, the problem code.",
+    ["outcome", "code"],
+)
+UNITS = Counter(
+    "flashsale_units_total",
+    "Units recorded in the ledger as reserved, released (cancelled or expired) or sold.",
+    ["change"],
+)
+LEDGER_CHANGES = Counter(
+    "flashsale_ledger_changes_total",
+    "Order changes written from a sale's outbox to the ledger (its rate is the drain rate).",
+    ["sale"],
+)
+JOB_RUNS = Counter(
+    "flashsale_worker_job_runs_total", "Worker job runs by job and outcome.", ["job", "outcome"]
+)
+JOB_SECONDS = Histogram(
+    "flashsale_worker_job_duration_seconds",
+    "Worker job run time by job.",
+    ["job"],
+    buckets=(0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 15.0, 30.0, 120.0),
+)
+JOB_LAST_SUCCESS = Gauge(
+    "flashsale_worker_job_last_success_timestamp_seconds",
+    "When each worker job last completed (unix seconds).",
+    ["job"],
+    multiprocess_mode="max",
+)
+WEBHOOK_EVENTS = Counter(
+    "flashsale_webhook_events_total",
+    "Payment gateway webhook events received, by event type and outcome.",
+    ["type", "outcome"],
+)
+GATEWAY_CALLS = Counter(
+    "flashsale_gateway_calls_total",
+    "Payment gateway calls by operation and outcome (ok, busy, unavailable, refused).",
+    ["operation", "outcome"],
+)
+GATEWAY_SECONDS = Histogram(
+    "flashsale_gateway_call_duration_seconds",
+    "Payment gateway call time by operation (the wait for a rate-limit slot excluded).",
+    ["operation"],
+    buckets=LATENCY_BUCKETS,
+)
+RECONCILE_DIFFERENCES = Counter(
+    "flashsale_reconcile_differences_total",
+    "Differences reconcile found between Redis, the ledger and the gateway, by kind.",
+    ["kind"],
+)
+
+
+def multiprocess_dir() -> Path | None:
+    """The folder prometheus-client shares between processes, if it runs in that mode."""
+    folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return Path(folder) if folder else None
+
+
+def forget_dead_processes(folder: Path) -> int:
+    """Delete the files of processes that are gone (a server starting again): their counts
+    would otherwise be added in forever, and their gauges would stay. Returns how many."""
+    removed = 0
+    for path in folder.glob("*.db"):
+        pid = path.stem.rsplit("_", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+            removed += 1
+        except PermissionError:  # alive, another user's
+            pass
+    return removed
+
+
+def render(extra: Iterable[Collector] = ()) -> bytes:
+    """The Prometheus text of every process's metrics (or this process's, without the
+    multiprocess folder), plus ``extra`` collectors (per-sale gauges read at scrape time)."""
+    registry = CollectorRegistry()
+    folder = multiprocess_dir()
+    if folder is not None:
+        MultiProcessCollector(registry, str(folder))  # type: ignore[no-untyped-call]
+    else:
+        registry = REGISTRY  # this process's own metrics
+    if not extra:
+        return generate_latest(registry)
+    combined = CollectorRegistry()
+    combined.register(_Fixed(list(registry.collect())))
+    for collector in extra:
+        combined.register(collector)
+    return generate_latest(combined)
+
+
+class _Fixed(Collector):
+    def __init__(self, families: list[Any]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Any]:
+        return self._families
