@@ -9,7 +9,7 @@ code, so documentation can link to it, and ``title`` is the reason phrase of the
     ├── Unauthorized (401)          invalid-token
     ├── Forbidden (403)             insufficient-scope, admin-role-required
     ├── NotFound (404)              sale-not-found, order-not-found, not-found,
-    │                               event-not-found, api-key-not-found*
+    │                               event-not-found, report-not-found, api-key-not-found*
     ├── MethodNotAllowed (405)      method-not-allowed
     ├── RequestTimeout (408)        request-timeout
     ├── SaleClosed                  sale-not-started (425), sale-paused (403), sale-ended (410)
@@ -200,6 +200,7 @@ PROBLEM_TYPES: dict[str, int] = {
     "order-not-found": 404,
     "not-found": 404,
     "event-not-found": 404,
+    "report-not-found": 404,
     "api-key-not-found": 404,
     "method-not-allowed": 405,
     "request-timeout": 408,

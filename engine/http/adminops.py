@@ -12,12 +12,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from engine import inventory, webhooks
-from engine.errors import NotFound, Unprocessable
+from engine.errors import NotFound, Unavailable, Unprocessable
 from engine.http.adminauth import admin_action
 from engine.http.adminbodies import page_limit
 from engine.http.bodies import JSONResponse
 from engine.http.context import sale_id, services
 from engine.keys import sale_keys
+from engine.payments import GatewayUnavailable
 from engine.reconcile import reconcile
 
 __all__ = ["apply_stripe_event", "last_reconcile", "list_stripe_events", "run_reconcile"]
@@ -43,7 +44,12 @@ async def _run_reconcile(request: Request, actor: str) -> Response:
     found = services(request)
     if await inventory.read_sale(found.store, sale) is None:
         raise NotFound("sale-not-found", f"there is no sale {sale!r} in Redis")
-    report = await reconcile(found.store, found.ledger, found.payments, sale, repair, full)
+    try:
+        report = await reconcile(found.store, found.ledger, found.payments, sale, repair, full)
+    except GatewayUnavailable:
+        raise Unavailable(
+            "payment-unavailable", "the payment gateway did not answer; run it again later"
+        ) from None
     body = {
         "sale_id": sale,
         "ran_at": datetime.now().astimezone().isoformat(),
@@ -68,7 +74,7 @@ async def _last_reconcile(request: Request, actor: str) -> Response:
     sale = sale_id(request)
     stored = await services(request).store.get(sale_keys(sale).reconcile_report)
     if stored is None:
-        raise NotFound("not-found", f"no reconcile of {sale!r} has run in the last 7 days")
+        raise NotFound("report-not-found", f"no reconcile of {sale!r} has run in the last 7 days")
     report: dict[str, Any] = orjson.loads(stored)
     return JSONResponse(report)
 
