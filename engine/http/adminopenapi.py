@@ -17,7 +17,7 @@ _ADMIN: list[dict[str, list[str]]] = [{"admin": []}]
 _OBJECT = {"type": "object"}
 _SALE_BODY = {
     "type": "object",
-    "required": ["id", "stock", "per_user_limit", "starts_at", "ends_at"],
+    "required": ["id", "stock", "price", "per_user_limit", "starts_at", "ends_at"],
     "additionalProperties": False,
     "properties": {
         "id": {"type": "string", "description": "a-z, 0-9 and '-', at most 48"},
