@@ -152,7 +152,8 @@ async def test_apikey_cli_prints_the_key_once_lists_and_revokes(
 async def test_restock_under_an_order_flood_never_oversells_and_reaches_the_ledger(
     client: httpx.AsyncClient, redis: Redis, db: asyncpg.Pool, ledger_sale: SaleFactory
 ):
-    """32 streams of new shoppers (half the client pool, so the restocks get a connection) keep ordering one unit each of 50 while three restocks of 10
+    """32 streams of new shoppers (half the client pool: the restocks need a connection) keep
+    ordering one unit each of 50 while three restocks of 10
     land mid-flood, and for a moment after the last."""
     sale = await ledger_sale(stock=50, per_user_limit=1, per_order_max=1)
     writer = await key(db, "sales:write")
