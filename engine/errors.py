@@ -7,21 +7,24 @@ code, so documentation can link to it, and ``title`` is the reason phrase of the
     ├── BadRequest (400)            missing-idempotency-key, invalid-idempotency-key,
     │                               invalid-signature, invalid-payload
     ├── Unauthorized (401)          invalid-token
-    ├── NotFound (404)              sale-not-found, order-not-found, not-found
+    ├── Forbidden (403)             insufficient-scope, admin-role-required
+    ├── NotFound (404)              sale-not-found, order-not-found, not-found,
+    │                               event-not-found, report-not-found, api-key-not-found*
     ├── MethodNotAllowed (405)      method-not-allowed
     ├── RequestTimeout (408)        request-timeout
     ├── SaleClosed                  sale-not-started (425), sale-paused (403), sale-ended (410)
     ├── Conflict (409)              sold-out, limit-exceeded, order-not-cancellable,
     │                               order-not-payable, order-not-refundable,
-    │                               invalid-status*, sale-exists*
+    │                               invalid-status, sale-exists, sale-started
     ├── PayloadTooLarge (413)       body-too-large
     ├── UnsupportedMediaType (415)  unsupported-media-type
     ├── Unprocessable (422)         invalid-body, invalid-quantity, quantity-exceeds-maximum,
-    │                               idempotency-key-reused, invalid-sale*
+    │                               idempotency-key-reused, invalid-sale, invalid-query,
+    │                               invalid-api-key*
     ├── RequestHeadersTooLarge (431) headers-too-large
     └── Unavailable (503)           not-ready, server-busy, payment-unavailable
 
-    * only the operator's CLI meets these: no HTTP route creates a sale or moves its status.
+    * only the operator's CLI meets these: no HTTP route manages API keys.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ __all__ = [
     "STORE_UNREACHABLE",
     "BadRequest",
     "Conflict",
+    "Forbidden",
     "MethodNotAllowed",
     "NotFound",
     "PayloadTooLarge",
@@ -124,6 +128,12 @@ class Unauthorized(ProblemError):
         )
 
 
+class Forbidden(ProblemError):
+    """Who is asking is known, and may not do this."""
+
+    status = 403
+
+
 class NotFound(ProblemError):
     status = 404
 
@@ -184,9 +194,14 @@ PROBLEM_TYPES: dict[str, int] = {
     "invalid-payload": 400,
     "invalid-token": 401,
     "sale-paused": 403,
+    "insufficient-scope": 403,
+    "admin-role-required": 403,
     "sale-not-found": 404,
     "order-not-found": 404,
     "not-found": 404,
+    "event-not-found": 404,
+    "report-not-found": 404,
+    "api-key-not-found": 404,
     "method-not-allowed": 405,
     "request-timeout": 408,
     "sold-out": 409,
@@ -196,6 +211,7 @@ PROBLEM_TYPES: dict[str, int] = {
     "order-not-refundable": 409,
     "invalid-status": 409,
     "sale-exists": 409,
+    "sale-started": 409,
     "sale-ended": 410,
     "body-too-large": 413,
     "unsupported-media-type": 415,
@@ -204,6 +220,8 @@ PROBLEM_TYPES: dict[str, int] = {
     "quantity-exceeds-maximum": 422,
     "idempotency-key-reused": 422,
     "invalid-sale": 422,
+    "invalid-query": 422,
+    "invalid-api-key": 422,
     "sale-not-started": 425,
     "headers-too-large": 431,
     "internal-error": 500,
@@ -212,9 +230,9 @@ PROBLEM_TYPES: dict[str, int] = {
     "payment-unavailable": 503,
 }
 
-# The codes of PROBLEM_TYPES only the operator's CLI meets (creating a sale, moving its status);
-# no HTTP route answers them.
-CLI_ONLY_CODES = frozenset({"invalid-sale", "invalid-status", "sale-exists"})
+# The codes of PROBLEM_TYPES only the operator's CLI meets (managing API keys); no HTTP route
+# answers them.
+CLI_ONLY_CODES = frozenset({"invalid-api-key", "api-key-not-found"})
 
 
 # A store that cannot be reached or did not answer in time: an outage, not a fault of the code.

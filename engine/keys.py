@@ -94,6 +94,11 @@ class SaleKeys:
         sale (its cursor; the next sweep reads from a little before it)."""
         return f"{self.tag}:reconciled-until"
 
+    @property
+    def reconcile_report(self) -> str:
+        """String: the last report of a reconcile run through the admin API, as JSON."""
+        return f"{self.tag}:reconcile-report"
+
     def order(self, order_id: str) -> str:
         """Hash: one order's live state."""
         return f"{self.tag}:order:{order_id}"

@@ -46,6 +46,8 @@ def entry_changes(fields: dict[str, str]) -> list[str]:
     change = fields.get(_CHANGE_FIELD)
     if change is not None:
         return [change]
+    if "restock" in fields:
+        return []  # a sale's restock, no order's change: engine.restock writes it
     # An entry in the shape of before packing (a field per value), still in a stream when the
     # worker was upgraded: delivered all the same.
     return [pack_change(fields)]

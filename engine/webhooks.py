@@ -30,7 +30,7 @@ from engine.metrics import WEBHOOK_EVENTS
 from engine.payments import GatewayUnavailable, PaymentGateway
 from engine.scripts import Code
 
-__all__ = ["HANDLED", "apply_event", "apply_pending", "receive", "verify"]
+__all__ = ["HANDLED", "apply_event", "apply_pending", "reapply", "receive", "verify"]
 
 log = logging.getLogger("flashsale.webhooks")
 
@@ -220,3 +220,25 @@ async def apply_pending(
         )
         applied += 1
     return applied
+
+
+async def reapply(
+    db: asyncpg.Pool, redis: Redis, gateway: PaymentGateway, event_id: str
+) -> str | None:
+    """Apply a stored event again (an operator's retry) and record the outcome; None when no
+    event has that id. Applying is idempotent, so a re-applied event changes only what is still
+    due: an order already past it stays as it is."""
+    payload = await db.fetchval("SELECT payload FROM webhook_events WHERE id = $1", event_id)
+    if payload is None:
+        return None
+    event = orjson.loads(payload)
+    order_id, intent_id = await _resolve(db, event)
+    outcome = await apply_event(redis, gateway, event, order_id, intent_id)
+    await db.execute(
+        "UPDATE webhook_events SET processed_at = CASE WHEN $2 = 'pending' THEN NULL"
+        " ELSE now() END, outcome = $2, order_id = $3 WHERE id = $1",
+        event_id,
+        outcome,
+        order_id,
+    )
+    return outcome

@@ -7,6 +7,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -16,6 +17,7 @@ import pytest
 from redis.asyncio import Redis
 
 from engine import inventory
+from engine.apikeys import create_key
 from engine.errors import CLI_ONLY_CODES, PROBLEM_MEDIA_TYPE, PROBLEM_TYPES, ProblemError
 from engine.http.app import create_app
 from engine.http.auth import mint_token
@@ -245,8 +247,94 @@ def an_event(kind: str = "customer.created") -> dict[str, Any]:
     return {"id": f"evt_{created}", "type": kind, "created": created, "data": {"object": {}}}
 
 
+async def admin_routes(
+    send: Driver, settings: Settings, db: asyncpg.Pool, sale_id: str, failed: str, event: str
+) -> None:
+    """Every admin route's problems: each auth refusal on every route, then each route's own."""
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    keys = {}
+    for scope in ("sales:read", "webhooks:read"):
+        keys[scope] = {"Authorization": f"Bearer {(await create_key(db, scope, [scope]))[1]}"}
+    ids = {"{sale_id}": sale_id, "{order_id}": failed, "{event_id}": event}
+    for (method, template), op in OPERATIONS.items():
+        if not template.startswith("/v1/admin/"):
+            continue
+        url = template
+        for name, value in ids.items():
+            url = url.replace(name, value)
+        await send(method, template, url, 401)
+        await send(method, template, url, 403, headers=shopper(settings))
+        lacking = "webhooks:read" if op["x-scope"] == "sales:read" else "sales:read"
+        await send(method, template, url, 403, headers=keys[lacking])
+
+    now = time.time()
+    later = {"starts_at": iso(now + 3600), "ends_at": iso(now + 7200)}
+    new_sale = {"id": "s-admin", "stock": 5, "price": 100, "per_user_limit": 1, **later}
+    sales, one = "/v1/admin/sales", "/v1/admin/sales/{sale_id}"
+    big = {"content": b" " * 10_000, "headers": admin}
+    await send("POST", sales, sales, 201, json=new_sale, headers=admin)
+    await send("POST", sales, sales, 413, **big)
+    await send("POST", sales, sales, 422, json={"id": 5}, headers=admin)
+    await send("POST", sales, sales, 422, json={**new_sale, "id": "NO"}, headers=admin)
+    await send("POST", sales, sales, 409, json={**new_sale, "stock": 6}, headers=admin)
+    await send("GET", sales, sales + "?limit=0", 422, headers=admin)
+    await send("GET", one, "/v1/admin/sales/s-admin", 200, headers=admin)
+    await send("GET", one, "/v1/admin/sales/NO", 404, headers=admin)
+    await send("PATCH", one, "/v1/admin/sales/s-admin", 200, json={"price": 9}, headers=admin)
+    await send("PATCH", one, "/v1/admin/sales/s-admin", 413, **big)
+    await send("PATCH", one, "/v1/admin/sales/s-admin", 422, json={"stock": 1}, headers=admin)
+    bad_window = {"ends_at": iso(now - 7200)}
+    await send("PATCH", one, "/v1/admin/sales/s-admin", 422, json=bad_window, headers=admin)
+    await send("PATCH", one, "/v1/admin/sales/s-gone", 404, json={"price": 1}, headers=admin)
+    started = {**new_sale, "id": "s-started", "starts_at": iso(now - 60)}
+    await send("POST", sales, sales, 201, json=started, headers=admin)
+    await send("PATCH", one, "/v1/admin/sales/s-started", 409, json={"price": 1}, headers=admin)
+    restock = one + "/restock"
+    url = "/v1/admin/sales/s-started/restock"
+    await send("POST", restock, url, 200, json={"units": 2}, headers=admin)
+    await send("POST", restock, url, 413, **big)
+    await send("POST", restock, url, 422, json={"units": 0}, headers=admin)
+    await send(
+        "POST", restock, "/v1/admin/sales/s-gone/restock", 404, json={"units": 1}, headers=admin
+    )
+    for verb in ("pause", "resume", "close"):
+        template = f"{one}/{verb}"
+        await send("POST", template, f"/v1/admin/sales/s-started/{verb}", 200, headers=admin)
+        await send("POST", template, f"/v1/admin/sales/s-gone/{verb}", 404, headers=admin)
+    for verb in ("pause", "resume"):
+        template = f"{one}/{verb}"
+        await send("POST", template, f"/v1/admin/sales/s-started/{verb}", 409, headers=admin)
+    await send("POST", restock, url, 409, json={"units": 1}, headers=admin)
+    reconcile = one + "/reconcile"
+    await send("POST", reconcile, "/v1/admin/sales/s-admin/reconcile", 503, headers=admin)
+    url = "/v1/admin/sales/s-admin/reconcile?full=maybe"
+    await send("POST", reconcile, url, 422, headers=admin)
+    await send("POST", reconcile, "/v1/admin/sales/s-gone/reconcile", 404, headers=admin)
+    await send("GET", reconcile, "/v1/admin/sales/s-admin/reconcile", 404, headers=admin)
+
+    orders, order = "/v1/admin/orders", "/v1/admin/orders/{order_id}"
+    await send("GET", orders, orders + f"?sale_id={sale_id}", 200, headers=admin)
+    await send("GET", orders, orders + "?state=lost", 422, headers=admin)
+    await send("GET", order, f"/v1/admin/orders/{failed}", 200, headers=admin)
+    await send("GET", order, "/v1/admin/orders/nope", 404, headers=admin)
+    for verb in ("cancel", "refund"):
+        await send("POST", f"{order}/{verb}", f"/v1/admin/orders/nope/{verb}", 404, headers=admin)
+        url = f"/v1/admin/orders/{failed}/{verb}"
+        await send("POST", f"{order}/{verb}", url, 409, headers=admin)
+    events = "/v1/admin/stripe-events"
+    await send("GET", events, events, 200, headers=admin)
+    await send("GET", events, events + "?pending=maybe", 422, headers=admin)
+    apply = events + "/{event_id}/apply"
+    await send("POST", apply, f"{events}/{event}/apply", 200, headers=admin)
+    await send("POST", apply, f"{events}/evt_none/apply", 404, headers=admin)
+
+
+def iso(epoch_s: float) -> str:
+    return datetime.fromtimestamp(epoch_s, tz=UTC).isoformat()
+
+
 async def test_the_real_app_answers_only_what_is_documented(
-    drive: tuple[Driver, Settings], redis: Redis, redis_sale: SaleFactory
+    drive: tuple[Driver, Settings], redis: Redis, db: asyncpg.Pool, redis_sale: SaleFactory
 ):
     send, settings = drive
     sale = await redis_sale(stock=10, per_user_limit=2, per_order_max=2)
@@ -309,17 +397,14 @@ async def test_the_real_app_answers_only_what_is_documented(
     cancel = "/v1/orders/{order_id}/cancel"
     await send("POST", cancel, f"/v1/orders/{failed}/cancel", 409, headers=own)
 
-    refund = "/v1/admin/orders/{order_id}/refund"
-    admin = {"Authorization": f"Bearer {ADMIN}"}
-    await send("POST", refund, f"/v1/admin/orders/{failed}/refund", 401, headers=own)
-    await send("POST", refund, "/v1/admin/orders/nope/refund", 404, headers=admin)
-    await send("POST", refund, f"/v1/admin/orders/{failed}/refund", 409, headers=admin)
-
     hook = "/v1/webhooks/stripe"
-    await send("POST", hook, hook, 200, **signed(an_event()))
+    stored = an_event()
+    await send("POST", hook, hook, 200, **signed(stored))
     await send("POST", hook, hook, 400, content=orjson.dumps(an_event()))
     await send("POST", hook, hook, 400, **signed({"hello": "world"}))
     await send("POST", hook, hook, 413, content=b" " * (MAX_WEBHOOK_BYTES + 1))
+
+    await admin_routes(send, settings, db, sale.id, failed, stored["id"])
 
     for path in ("/health", "/ready", "/openapi.json", "/docs"):
         await send("GET", path, path, 200)
@@ -356,8 +441,29 @@ async def test_with_its_stores_down_the_app_answers_what_is_documented(
         ("POST", "/v1/orders/{order_id}/cancel"): {"headers": shopper(settings)},
         ("POST", "/v1/orders/{order_id}/pay"): {"headers": shopper(settings)},
         ("POST", "/v1/webhooks/stripe"): signed(an_event("payment_intent.succeeded")),
-        ("POST", "/v1/admin/orders/{order_id}/refund"): {
-            "headers": {"Authorization": f"Bearer {ADMIN}"}
+        **{
+            (method, template): {"headers": {"Authorization": f"Bearer {ADMIN}"}}
+            for method, template in OPERATIONS
+            if template.startswith("/v1/admin/")
+        },
+        ("POST", "/v1/admin/sales"): {
+            "headers": {"Authorization": f"Bearer {ADMIN}"},
+            "json": {
+                "id": "s-down",
+                "stock": 1,
+                "price": 1,
+                "per_user_limit": 1,
+                "starts_at": "2030-01-01T00:00Z",
+                "ends_at": "2030-01-02T00:00Z",
+            },
+        },
+        ("PATCH", "/v1/admin/sales/{sale_id}"): {
+            "headers": {"Authorization": f"Bearer {ADMIN}"},
+            "json": {"price": 1},
+        },
+        ("POST", "/v1/admin/sales/{sale_id}/restock"): {
+            "headers": {"Authorization": f"Bearer {ADMIN}"},
+            "json": {"units": 1},
         },
         ("GET", "/metrics"): {},
         ("GET", "/health"): {},
@@ -373,6 +479,7 @@ async def test_with_its_stores_down_the_app_answers_what_is_documented(
         async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
             for (method, template), kwargs in requests.items():
                 url = template.replace("{sale_id}", "s-down").replace("{order_id}", order)
+                url = url.replace("{event_id}", "evt_down")
                 response = await client.request(method, url, **kwargs)
                 code = assert_documented((method, template), response)
                 lists = "not-ready" in OPERATIONS[method, template]["x-problem-codes"]

@@ -24,6 +24,7 @@ from redis.exceptions import ResponseError
 from engine.keys import OUTBOX_GROUP, sale_keys
 from engine.ledger import entry_changes, units_moved, write_changes
 from engine.metrics import LEDGER_CHANGES, UNITS
+from engine.restock import restock_entries, write_restocks
 from engine.sales import live_sale_ids
 from engine.scripts import SCRIPTS
 from engine.settings import Settings
@@ -61,6 +62,7 @@ async def _write_and_ack(
     # pending, and the ledger absorbs the part written twice.
     for start in range(0, len(changes), batch):
         await write_changes(db, sale_id, changes[start : start + batch])
+    await write_restocks(db, sale_id, restock_entries(entries))
     # Only now, after the commit: if we die before this line, the entries stay pending and are
     # written again by whoever claims them.
     outbox = sale_keys(sale_id).outbox

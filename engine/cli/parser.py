@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 from datetime import datetime
+from importlib import metadata
 from typing import Any, TypeAlias
 
-from engine import __version__
+from engine.apikeys import SCOPES
+from engine.cli.apikeys import cmd_apikey_create, cmd_apikey_list, cmd_apikey_revoke
 from engine.cli.orders import cmd_order_refund, cmd_reconcile, cmd_token
 from engine.cli.sales import cmd_sale_create, cmd_sale_show, cmd_sale_status
 from engine.cli.serve import SERVE_APPS, cmd_migrate, cmd_serve, cmd_worker
@@ -74,13 +76,58 @@ def build_parser() -> argparse.ArgumentParser:
         "environment variables (FLASHSALE_REDIS_URL, FLASHSALE_DATABASE_URL, "
         "FLASHSALE_JWT_SECRET, ...); see docs/operations.md.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_processes(commands)
     _add_sales(commands)
     _add_orders(commands)
     _add_tooling(commands)
+    _add_apikeys(commands)
     return parser
+
+
+def _version() -> str:
+    """The installed package's version (its metadata), or the source's when run uninstalled."""
+    try:
+        return metadata.version("flashsale")
+    except metadata.PackageNotFoundError:
+        from engine import __version__
+
+        return __version__
+
+
+def _add_apikeys(commands: _Commands) -> None:
+    actions = _actions(commands, "apikey", "create, list and revoke admin API keys")
+    create = _command(
+        actions,
+        "create",
+        cmd_apikey_create,
+        "make a key for the admin HTTP API; prints it once",
+        "Make a key for the admin HTTP API (Authorization: Bearer fsk_...). The key is printed "
+        "once, on stdout; only its SHA-256 is stored. Scopes: " + ", ".join(SCOPES) + ".",
+    )
+    create.add_argument("--name", required=True, help="what the key is for, e.g. ops-laptop")
+    create.add_argument(
+        "--scope",
+        action="append",
+        required=True,
+        choices=SCOPES,
+        metavar="SCOPE",
+        help="a scope the key holds; repeat for more (" + ", ".join(SCOPES) + ")",
+    )
+    create.add_argument(
+        "--expires-in", type=_positive, metavar="DAYS", help="expire after DAYS (default: never)"
+    )
+    _command(actions, "list", cmd_apikey_list, "every key: name, scopes, expiry, last use")
+    revoke = _command(
+        actions,
+        "revoke",
+        cmd_apikey_revoke,
+        "revoke a key for good",
+        "Revoke a key. Servers that saw it recently refuse it within a few seconds (they cache "
+        "lookups for engine.apikeys.CACHE_S).",
+    )
+    revoke.add_argument("id", type=_positive, help="the key's id (flashsale apikey list)")
 
 
 def _logging(command: argparse.ArgumentParser, level: str) -> None:

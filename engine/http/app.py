@@ -21,7 +21,7 @@ from starlette.routing import BaseRoute, Route
 
 from engine.db import connect_postgres, connect_redis
 from engine.errors import MethodNotAllowed, NotFound, ProblemError, problem_response, unexpected
-from engine.http import admin, orders, probes, sales, webhooks
+from engine.http import admin, adminops, adminorders, adminsales, orders, probes, sales, webhooks
 from engine.http.auth import TokenVerifier
 from engine.http.context import Services
 from engine.http.metrics import RequestMetrics, flushing, metrics_route
@@ -50,7 +50,26 @@ def route_table(order_route: OrderRoute) -> list[BaseRoute]:
         Route("/v1/orders/{order_id}/cancel", orders.cancel_order, methods=["POST"]),
         Route("/v1/orders/{order_id}/pay", orders.pay_order, methods=["POST"]),
         Route("/v1/webhooks/stripe", webhooks.stripe_webhook, methods=["POST"]),
+        Route("/v1/admin/sales", adminsales.create_sale, methods=["POST"]),
+        Route("/v1/admin/sales", adminsales.list_sales, methods=["GET"]),
+        Route("/v1/admin/sales/{sale_id}", adminsales.show_sale, methods=["GET"]),
+        Route("/v1/admin/sales/{sale_id}", adminsales.amend_sale, methods=["PATCH"]),
+        Route("/v1/admin/sales/{sale_id}/pause", adminsales.pause_sale, methods=["POST"]),
+        Route("/v1/admin/sales/{sale_id}/resume", adminsales.resume_sale, methods=["POST"]),
+        Route("/v1/admin/sales/{sale_id}/close", adminsales.close_sale, methods=["POST"]),
+        Route("/v1/admin/sales/{sale_id}/restock", adminsales.restock_sale, methods=["POST"]),
+        Route("/v1/admin/sales/{sale_id}/reconcile", adminops.run_reconcile, methods=["POST"]),
+        Route("/v1/admin/sales/{sale_id}/reconcile", adminops.last_reconcile, methods=["GET"]),
+        Route("/v1/admin/orders", adminorders.search_orders, methods=["GET"]),
+        Route("/v1/admin/orders/{order_id}", adminorders.show_order, methods=["GET"]),
+        Route("/v1/admin/orders/{order_id}/cancel", adminorders.cancel_order, methods=["POST"]),
         Route("/v1/admin/orders/{order_id}/refund", admin.refund_order, methods=["POST"]),
+        Route("/v1/admin/stripe-events", adminops.list_stripe_events, methods=["GET"]),
+        Route(
+            "/v1/admin/stripe-events/{event_id}/apply",
+            adminops.apply_stripe_event,
+            methods=["POST"],
+        ),
         Route("/metrics", metrics_route, methods=["GET"]),
         Route("/health", probes.health, methods=["GET"]),
         Route("/ready", probes.ready, methods=["GET"]),

@@ -8,7 +8,7 @@ sends the same token many times, so a verified token is remembered until its own
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import jwt
 
@@ -70,11 +70,17 @@ def _signing_key(settings: Settings) -> str:
     return settings.jwt_verify_key
 
 
-def mint_token(settings: Settings, user_id: str, ttl_s: int = 3600) -> str:
-    return mint_tokens(settings, [user_id], ttl_s)[0]
+def mint_token(
+    settings: Settings, user_id: str, ttl_s: int = 3600, roles: Sequence[str] = ()
+) -> str:
+    return mint_tokens(settings, [user_id], ttl_s, roles)[0]
 
 
-def mint_tokens(settings: Settings, user_ids: Iterable[str], ttl_s: int = 3600) -> list[str]:
+def mint_tokens(
+    settings: Settings, user_ids: Iterable[str], ttl_s: int = 3600, roles: Sequence[str] = ()
+) -> list[str]:
+    """Signed tokens for ``user_ids``; ``roles`` (``admin``, ``customer``) go in a ``roles``
+    claim when given: a token without one is a customer's."""
     key = _signing_key(settings)
     now = int(time.time())
     tokens = []
@@ -88,5 +94,7 @@ def mint_tokens(settings: Settings, user_ids: Iterable[str], ttl_s: int = 3600) 
             "iat": now,
             "exp": now + ttl_s,
         }
+        if roles:
+            claims["roles"] = list(roles)
         tokens.append(jwt.encode(claims, key, algorithm=settings.jwt_algorithm))
     return tokens

@@ -16,6 +16,7 @@ from typing import Any
 
 from engine import __version__
 from engine.errors import PROBLEM_MEDIA_TYPE, PROBLEM_TYPES
+from engine.http.adminopenapi import admin_paths
 from engine.http.bodies import MAX_QUANTITY
 from engine.http.schemas import component_schemas
 from engine.http.webhooks import MAX_WEBHOOK_BYTES
@@ -59,7 +60,6 @@ _PROBLEM_HEADERS: dict[int, dict[str, Any]] = {
 }
 
 _SHOPPER: list[dict[str, list[str]]] = [{"shopper": []}]
-_ADMIN: list[dict[str, list[str]]] = [{"admin": []}]
 
 
 def _ref(kind: str, name: str) -> dict[str, str]:
@@ -274,17 +274,7 @@ def _paths() -> dict[str, Any]:
                 },
             ),
         },
-        "/v1/admin/orders/{order_id}/refund": {
-            "post": _operation(
-                "refundOrder",
-                "admin",
-                "Refund a paid order; a worker pays it back",
-                {"202": _json(_ref("schemas", "Refund"), "Refund pending")},
-                ("invalid-token", "order-not-found", "order-not-refundable", "not-ready"),
-                parameters=[_ORDER_ID, _RESTOCK],
-                security=_ADMIN,
-            ),
-        },
+        **admin_paths(_operation, _parameter, _SALE_ID, _ORDER_ID, _RESTOCK),
         "/metrics": {
             "get": _operation(
                 "metrics",
@@ -367,7 +357,8 @@ def openapi_document() -> dict[str, Any]:
                 "admin": {
                     "type": "http",
                     "scheme": "bearer",
-                    "description": "The operator's FLASHSALE_ADMIN_TOKEN.",
+                    "description": "An API key (fsk_...) with the operation's x-scope, a JWT "
+                    "whose roles claim holds admin, or the bootstrap FLASHSALE_ADMIN_TOKEN.",
                 },
             },
         },

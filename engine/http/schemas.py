@@ -28,6 +28,12 @@ def _problem_schema() -> dict[str, Any]:
             "available": member("integer", "sold-out: units left."),
             "limit": member("integer", "limit-exceeded: units a shopper may hold in this sale."),
             "already_held": member("integer", "limit-exceeded: units this shopper holds."),
+            "scope": member("string", "insufficient-scope: the scope the API key lacks."),
+            "errors": {
+                "type": "array",
+                "items": {"type": "string"},
+                "description": "invalid-sale: every problem of the definition.",
+            },
             "maximum": member("integer", "quantity-exceeds-maximum: units per order."),
             "starts_at_ms": member("integer", "sale-not-started: Unix milliseconds."),
             "ended_at_ms": member("integer", "sale-ended: Unix milliseconds."),

@@ -115,6 +115,14 @@ class SoldOutMemory:
             task = asyncio.get_running_loop().create_task(self._watch(sale_id))
             self._watchers[sale_id] = task
 
+    def stock_back(self, sale_id: str) -> None:
+        """Units were just added to the sale (a restock): stop answering it here at once, so
+        orders reach ``reserve`` now rather than after the next view read."""
+        self._sales.pop(sale_id, None)
+        watcher = self._watchers.get(sale_id)
+        if watcher is not None:
+            watcher.cancel()
+
     async def _watch(self, sale_id: str) -> None:
         memory: _Memory | None = None
         try:
