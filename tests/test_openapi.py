@@ -315,6 +315,12 @@ async def test_the_real_app_answers_only_what_is_documented(
     await send("POST", refund, "/v1/admin/orders/nope/refund", 404, headers=admin)
     await send("POST", refund, f"/v1/admin/orders/{failed}/refund", 409, headers=admin)
 
+    dashboard = "/v1/admin/dashboard"
+    await send("GET", dashboard, dashboard, 200, headers=admin)
+    await send("GET", dashboard, dashboard, 401, headers=own)
+    for path in ("/admin", "/admin/dashboard.js"):
+        await send("GET", path, path, 200)
+
     hook = "/v1/webhooks/stripe"
     await send("POST", hook, hook, 200, **signed(an_event()))
     await send("POST", hook, hook, 400, content=orjson.dumps(an_event()))
@@ -359,6 +365,9 @@ async def test_with_its_stores_down_the_app_answers_what_is_documented(
         ("POST", "/v1/admin/orders/{order_id}/refund"): {
             "headers": {"Authorization": f"Bearer {ADMIN}"}
         },
+        ("GET", "/v1/admin/dashboard"): {"headers": {"Authorization": f"Bearer {ADMIN}"}},
+        ("GET", "/admin"): {},
+        ("GET", "/admin/dashboard.js"): {},
         ("GET", "/health"): {},
         ("GET", "/ready"): {},
         ("GET", "/openapi.json"): {},

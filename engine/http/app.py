@@ -21,7 +21,7 @@ from starlette.routing import BaseRoute, Route
 
 from engine.db import connect_postgres, connect_redis
 from engine.errors import MethodNotAllowed, NotFound, ProblemError, problem_response, unexpected
-from engine.http import admin, orders, probes, sales, webhooks
+from engine.http import admin, dashboard, orders, probes, sales, webhooks
 from engine.http.auth import TokenVerifier
 from engine.http.context import Services
 from engine.http.orderroute import OrderRoute
@@ -50,6 +50,9 @@ def route_table(order_route: OrderRoute) -> list[BaseRoute]:
         Route("/v1/orders/{order_id}/pay", orders.pay_order, methods=["POST"]),
         Route("/v1/webhooks/stripe", webhooks.stripe_webhook, methods=["POST"]),
         Route("/v1/admin/orders/{order_id}/refund", admin.refund_order, methods=["POST"]),
+        Route("/v1/admin/dashboard", dashboard.dashboard, methods=["GET"]),
+        Route("/admin", dashboard.page, methods=["GET"]),
+        Route("/admin/dashboard.js", dashboard.script, methods=["GET"]),
         Route("/health", probes.health, methods=["GET"]),
         Route("/ready", probes.ready, methods=["GET"]),
         Route("/openapi.json", probes.openapi, methods=["GET"]),
