@@ -2,7 +2,8 @@
 
 ``up(dir)`` starts both servers on free ports (reusing ones still running from an earlier ``up``),
 waits until they answer and records them in ``dir/services.json``; ``down(dir)`` stops them. Both
-are idempotent. ``ensure_installed()`` apt-gets Debian's packages when they are missing.
+are idempotent. ``ensure_installed()`` apt-gets Debian's packages when they are missing, and
+``ensure_browser()`` Debian's Chromium, for the dashboard's browser test.
 
 PostgreSQL refuses to run as root, so as root its folder belongs to the ``postgres`` user and its
 server tools run through ``runuser``. Debian's own cluster on 5432 is never used.
@@ -76,24 +77,48 @@ def _missing() -> list[str]:
     return missing + ([] if _pg_bin() else ["PostgreSQL initdb/pg_ctl"])
 
 
-def ensure_installed() -> None:
-    """apt-get install redis-server and postgresql when either is missing."""
-    if not _missing():
-        return
+def _apt_install(missing: str, packages: list[str]) -> None:
+    """apt-get install ``packages``, through sudo unless root; ``missing`` names what is."""
     if os.geteuid() != 0 and not shutil.which("sudo"):
-        raise RuntimeError(f"{', '.join(_missing())} missing, and no root or sudo to install them")
+        raise RuntimeError(f"{missing} missing, and no root or sudo to install them")
     # `env` inside sudo because sudo drops the caller's environment; the lock timeout queues us
     # behind an apt that is already running instead of failing; stdout=2 keeps `env` eval-able.
     apt = _cmd("env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600")
     apt = apt if os.geteuid() == 0 else ["sudo", *apt]
     try:
         subprocess.run([*apt, "update"], check=True, stdout=2)
-        subprocess.run([*apt, "install", "-y", "redis-server", "postgresql"], check=True, stdout=2)
+        subprocess.run([*apt, "install", "-y", *packages], check=True, stdout=2)
     except subprocess.CalledProcessError as exc:
-        raise RuntimeError(f"apt-get failed ({exc}); install redis-server and postgresql") from exc
+        raise RuntimeError(f"apt-get failed ({exc}); install {' and '.join(packages)}") from exc
+
+
+def ensure_installed() -> None:
+    """apt-get install redis-server and postgresql when either is missing."""
+    if not _missing():
+        return
+    _apt_install(", ".join(_missing()), ["redis-server", "postgresql"])
     _pg_bin.cache_clear()
     if missing := _missing():
         raise RuntimeError(f"still missing after apt-get install: {', '.join(missing)}")
+
+
+# The dashboard's browser test drives Debian's Chromium (playwright's own browser download needs
+# the internet); only the test setup asks for it, so the demo and `up` never pull a browser in.
+BROWSERS = ("chromium", "chromium-browser")
+
+
+def browser_path() -> str | None:
+    """The system Chromium's executable, if one is installed."""
+    return next((found for name in BROWSERS if (found := shutil.which(name))), None)
+
+
+def ensure_browser() -> None:
+    """apt-get install chromium when no system Chromium is installed."""
+    if browser_path():
+        return
+    _apt_install("chromium", ["chromium"])
+    if not browser_path():
+        raise RuntimeError("still no chromium after apt-get install chromium")
 
 
 def free_port() -> int:
@@ -475,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "action",
         choices=["install", "up", "down", "status", "env"],
-        help="install: apt-get redis-server/postgresql if missing; up: start (or reuse) both and "
+        help="install: apt-get redis-server/postgresql/chromium if missing; up: start (or reuse) "
+        "both and "
         "print their URLs; down: stop both; status: show them, exit 1 unless both run; "
         "env: like up, but print FLASHSALE_REDIS_URL/FLASHSALE_DATABASE_URL export lines",
     )
@@ -499,7 +525,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if all(current.values()) else 1
     ensure_installed()
     if args.action == "install":
-        print("redis-server and PostgreSQL are installed")
+        # `install` is the test setup's step (make test, .ci/run): the tests need a browser too.
+        ensure_browser()
+        print("redis-server, PostgreSQL and Chromium are installed")
         return 0
     urls = up(args.dir, args.appendfsync)
     if args.action == "env":

@@ -397,6 +397,14 @@ async def test_the_real_app_answers_only_what_is_documented(
     cancel = "/v1/orders/{order_id}/cancel"
     await send("POST", cancel, f"/v1/orders/{failed}/cancel", 409, headers=own)
 
+    admin = {"Authorization": f"Bearer {ADMIN}"}
+    dashboard = "/v1/admin/dashboard"
+    await send("GET", dashboard, dashboard, 200, headers=admin)
+    await send("GET", dashboard, dashboard, 403, headers=own)  # a shopper's token
+    await send("GET", dashboard, dashboard, 401)
+    for path in ("/admin", "/admin/dashboard.js"):
+        await send("GET", path, path, 200)
+
     hook = "/v1/webhooks/stripe"
     stored = an_event()
     await send("POST", hook, hook, 200, **signed(stored))
@@ -466,6 +474,9 @@ async def test_with_its_stores_down_the_app_answers_what_is_documented(
             "json": {"units": 1},
         },
         ("GET", "/metrics"): {},
+        ("GET", "/v1/admin/dashboard"): {"headers": {"Authorization": f"Bearer {ADMIN}"}},
+        ("GET", "/admin"): {},
+        ("GET", "/admin/dashboard.js"): {},
         ("GET", "/health"): {},
         ("GET", "/ready"): {},
         ("GET", "/openapi.json"): {},

@@ -21,7 +21,17 @@ from starlette.routing import BaseRoute, Route
 
 from engine.db import connect_postgres, connect_redis
 from engine.errors import MethodNotAllowed, NotFound, ProblemError, problem_response, unexpected
-from engine.http import admin, adminops, adminorders, adminsales, orders, probes, sales, webhooks
+from engine.http import (
+    admin,
+    adminops,
+    adminorders,
+    adminsales,
+    dashboard,
+    orders,
+    probes,
+    sales,
+    webhooks,
+)
 from engine.http.auth import TokenVerifier
 from engine.http.context import Services
 from engine.http.metrics import RequestMetrics, flushing, metrics_route
@@ -71,6 +81,9 @@ def route_table(order_route: OrderRoute) -> list[BaseRoute]:
             methods=["POST"],
         ),
         Route("/metrics", metrics_route, methods=["GET"]),
+        Route("/v1/admin/dashboard", dashboard.dashboard, methods=["GET"]),
+        Route("/admin", dashboard.page, methods=["GET"]),
+        Route("/admin/dashboard.js", dashboard.script, methods=["GET"]),
         Route("/health", probes.health, methods=["GET"]),
         Route("/ready", probes.ready, methods=["GET"]),
         Route("/openapi.json", probes.openapi, methods=["GET"]),

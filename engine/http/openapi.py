@@ -168,6 +168,12 @@ _REPLAYED = {
 }
 
 
+def _static(operation_id: str, summary: str, media: str = "text/html") -> dict[str, Any]:
+    """A file the app ships, answered to anyone: the dashboard's page and script hold no data."""
+    page = {"description": summary, "content": {media: {"schema": {"type": "string"}}}}
+    return _operation(operation_id, "admin", summary, {"200": page}, ())
+
+
 def _paths() -> dict[str, Any]:
     order = _json(_ref("schemas", "Order"), "The order")
     return {
@@ -288,6 +294,21 @@ def _paths() -> dict[str, Any]:
                 },
                 (),
             )
+        },
+        "/v1/admin/dashboard": {
+            "get": _operation(
+                "dashboard",
+                "admin",
+                "Every live sale's figures now, for the dashboard page (scope sales:read)",
+                {"200": _json(_ref("schemas", "Dashboard"), "The live sales, by id")},
+                ("invalid-token", "admin-role-required", "insufficient-scope", "not-ready"),
+                security=[{"admin": []}],
+                **{"x-scope": "sales:read"},
+            ),
+        },
+        "/admin": {"get": _static("dashboardPage", "The live dashboard (asks for the token)")},
+        "/admin/dashboard.js": {
+            "get": _static("dashboardScript", "The dashboard's script", "text/javascript")
         },
         "/health": {
             "get": _operation(

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 from engine.errors import CLI_ONLY_CODES, PROBLEM_TYPES
 from engine.http.bodies import MAX_QUANTITY
+from engine.salestats import SaleStats
 
 __all__ = ["component_schemas"]
 
@@ -40,6 +42,18 @@ def _problem_schema() -> dict[str, Any]:
             "state": member("string", "order-not-*: the order's state."),
             "checks": member("object", "not-ready from /ready: why each store is unreachable."),
         },
+    }
+
+
+def _sale_stats_schema() -> dict[str, Any]:
+    # From the dataclass itself, so the document lists exactly the fields the route sends.
+    kinds = {"int": "integer", "str": "string"}
+    names = [f.name for f in fields(SaleStats)]
+    return {
+        "type": "object",
+        "description": "A live sale now, read from Redis (engine.salestats).",
+        "required": names,
+        "properties": {f.name: {"type": kinds[str(f.type)]} for f in fields(SaleStats)},
     }
 
 
@@ -106,5 +120,14 @@ def component_schemas() -> dict[str, Any]:
         "Status": {
             "type": "object",
             "properties": {**strings("status"), "checks": {"type": "object"}},
+        },
+        "SaleStats": _sale_stats_schema(),
+        "Dashboard": {
+            "type": "object",
+            "required": ["server_time_ms", "sales"],
+            "properties": {
+                "server_time_ms": {"type": "integer", "description": "Redis's clock."},
+                "sales": {"type": "array", "items": {"$ref": "#/components/schemas/SaleStats"}},
+            },
         },
     }
