@@ -7,7 +7,8 @@ code, so documentation can link to it, and ``title`` is the reason phrase of the
     ├── BadRequest (400)            missing-idempotency-key, invalid-idempotency-key,
     │                               invalid-signature, invalid-payload
     ├── Unauthorized (401)          invalid-token
-    ├── NotFound (404)              sale-not-found, order-not-found, not-found
+    ├── NotFound (404)              sale-not-found, order-not-found, not-found,
+    │                               subscription-not-found
     ├── MethodNotAllowed (405)      method-not-allowed
     ├── RequestTimeout (408)        request-timeout
     ├── SaleClosed                  sale-not-started (425), sale-paused (403), sale-ended (410)
@@ -17,7 +18,8 @@ code, so documentation can link to it, and ``title`` is the reason phrase of the
     ├── PayloadTooLarge (413)       body-too-large
     ├── UnsupportedMediaType (415)  unsupported-media-type
     ├── Unprocessable (422)         invalid-body, invalid-quantity, quantity-exceeds-maximum,
-    │                               idempotency-key-reused, invalid-sale*
+    │                               idempotency-key-reused, invalid-subscription,
+    │                               invalid-parameter, invalid-sale*
     ├── RequestHeadersTooLarge (431) headers-too-large
     └── Unavailable (503)           not-ready, server-busy, payment-unavailable
 
@@ -187,6 +189,7 @@ PROBLEM_TYPES: dict[str, int] = {
     "sale-not-found": 404,
     "order-not-found": 404,
     "not-found": 404,
+    "subscription-not-found": 404,
     "method-not-allowed": 405,
     "request-timeout": 408,
     "sold-out": 409,
@@ -204,6 +207,8 @@ PROBLEM_TYPES: dict[str, int] = {
     "quantity-exceeds-maximum": 422,
     "idempotency-key-reused": 422,
     "invalid-sale": 422,
+    "invalid-subscription": 422,
+    "invalid-parameter": 422,
     "sale-not-started": 425,
     "headers-too-large": 431,
     "internal-error": 500,

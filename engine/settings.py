@@ -30,6 +30,13 @@ This is the only module that reads ``os.environ``. Everything else receives a ``
 | FLASHSALE_MAX_ORDERS_IN_FLIGHT | ``2048``: orders awaiting Redis per process; more get 503 |
 | FLASHSALE_LOG_FORMAT           | ``auto``: text on a terminal, else JSON lines; or json, text |
 | FLASHSALE_GATEWAY_RATE_PER_S   | ``80``: payment gateway calls a second, whole deployment |
+| FLASHSALE_STOCK_LOW_UNITS      | ``10``: ``stock.low`` when a sale's available units fall to it |
+| FLASHSALE_DELIVERY_RETRY_S     | ``0,5,300,1800,7200,18000,36000,36000``: waits, per attempt |
+| FLASHSALE_DELIVERY_TIMEOUT_S   | ``10``: one delivery's whole HTTP exchange |
+| FLASHSALE_DELIVERY_CONCURRENCY | ``32``: deliveries in flight per worker process |
+| FLASHSALE_DELIVERY_PER_ENDPOINT | ``4``: of those, to one subscription   |
+| FLASHSALE_ENDPOINT_DISABLE_AFTER_S | ``432000`` (5 days) failing: disabled |
+| FLASHSALE_SECRET_GRACE_S       | ``86400``: a rotated-out secret still signs this long |
 """
 
 from __future__ import annotations
@@ -59,6 +66,19 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
     return value
+
+
+def _seconds_list(env: Mapping[str, str], name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        values = tuple(int(part) for part in raw.split(","))
+    except ValueError:
+        raise ConfigError(f"{name} must be whole seconds joined by commas, got {raw!r}") from None
+    if any(value < 0 for value in values):
+        raise ConfigError(f"{name} must not hold a negative wait, got {raw!r}")
+    return values
 
 
 def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -112,6 +132,17 @@ class Settings:
     # Payment gateway calls a second, every server and worker together (engine.gatewaylimit):
     # under Stripe's live-mode limit of 100 operations a second per account.
     gateway_rate_per_s: int = 80
+    # Events to subscribers (engine.events, workers.deliveries).
+    stock_low_units: int = 10
+    # The wait before each attempt of a delivery: the Standard Webhooks schedule, its length the
+    # number of attempts. Tests shorten it.
+    delivery_retry_s: tuple[int, ...] = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
+    delivery_timeout_s: int = 10
+    delivery_concurrency: int = 32
+    # A slow endpoint holds at most this many of the process's slots; the others keep moving.
+    delivery_per_endpoint: int = 4
+    endpoint_disable_after_s: int = 5 * 86400
+    secret_grace_s: int = 86400
 
     @property
     def jwt_algorithm(self) -> str:
@@ -173,6 +204,19 @@ class Settings:
                 env, "FLASHSALE_MAX_ORDERS_IN_FLIGHT", cls.max_orders_in_flight, 1
             ),
             gateway_rate_per_s=_int(env, "FLASHSALE_GATEWAY_RATE_PER_S", cls.gateway_rate_per_s, 1),
+            stock_low_units=_int(env, "FLASHSALE_STOCK_LOW_UNITS", cls.stock_low_units, 0),
+            delivery_retry_s=_seconds_list(env, "FLASHSALE_DELIVERY_RETRY_S", cls.delivery_retry_s),
+            delivery_timeout_s=_int(env, "FLASHSALE_DELIVERY_TIMEOUT_S", cls.delivery_timeout_s, 1),
+            delivery_concurrency=_int(
+                env, "FLASHSALE_DELIVERY_CONCURRENCY", cls.delivery_concurrency, 1
+            ),
+            delivery_per_endpoint=_int(
+                env, "FLASHSALE_DELIVERY_PER_ENDPOINT", cls.delivery_per_endpoint, 1
+            ),
+            endpoint_disable_after_s=_int(
+                env, "FLASHSALE_ENDPOINT_DISABLE_AFTER_S", cls.endpoint_disable_after_s, 1
+            ),
+            secret_grace_s=_int(env, "FLASHSALE_SECRET_GRACE_S", cls.secret_grace_s, 0),
         )
         if settings.environment == "production" and not (
             settings.jwt_secret or settings.jwt_public_key
@@ -223,6 +267,13 @@ class Settings:
             "FLASHSALE_MAX_ORDERS_IN_FLIGHT": str(self.max_orders_in_flight),
             "FLASHSALE_LOG_FORMAT": self.log_format,
             "FLASHSALE_GATEWAY_RATE_PER_S": str(self.gateway_rate_per_s),
+            "FLASHSALE_STOCK_LOW_UNITS": str(self.stock_low_units),
+            "FLASHSALE_DELIVERY_RETRY_S": ",".join(map(str, self.delivery_retry_s)),
+            "FLASHSALE_DELIVERY_TIMEOUT_S": str(self.delivery_timeout_s),
+            "FLASHSALE_DELIVERY_CONCURRENCY": str(self.delivery_concurrency),
+            "FLASHSALE_DELIVERY_PER_ENDPOINT": str(self.delivery_per_endpoint),
+            "FLASHSALE_ENDPOINT_DISABLE_AFTER_S": str(self.endpoint_disable_after_s),
+            "FLASHSALE_SECRET_GRACE_S": str(self.secret_grace_s),
         }
         optional = {
             "FLASHSALE_JWT_SECRET": self.jwt_secret,

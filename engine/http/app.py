@@ -21,7 +21,7 @@ from starlette.routing import BaseRoute, Route
 
 from engine.db import connect_postgres, connect_redis
 from engine.errors import MethodNotAllowed, NotFound, ProblemError, problem_response, unexpected
-from engine.http import admin, orders, probes, sales, webhooks
+from engine.http import admin, orders, probes, sales, subscriptions, webhooks
 from engine.http.auth import TokenVerifier
 from engine.http.context import Services
 from engine.http.orderroute import OrderRoute
@@ -40,6 +40,10 @@ log = logging.getLogger("flashsale.app")
 POSTGRES_DEADLINE_S = 5.0
 
 
+_SUBSCRIPTIONS = "/v1/admin/webhooks/subscriptions"
+_SUBSCRIPTION = _SUBSCRIPTIONS + "/{subscription_id}"
+
+
 def route_table(order_route: OrderRoute) -> list[BaseRoute]:
     """Every route of the API, in one place."""
     return [
@@ -50,6 +54,13 @@ def route_table(order_route: OrderRoute) -> list[BaseRoute]:
         Route("/v1/orders/{order_id}/pay", orders.pay_order, methods=["POST"]),
         Route("/v1/webhooks/stripe", webhooks.stripe_webhook, methods=["POST"]),
         Route("/v1/admin/orders/{order_id}/refund", admin.refund_order, methods=["POST"]),
+        Route(_SUBSCRIPTIONS, subscriptions.create_subscription, methods=["POST"]),
+        Route(_SUBSCRIPTIONS, subscriptions.list_subscriptions, methods=["GET"]),
+        Route(_SUBSCRIPTION, subscriptions.get_subscription, methods=["GET"]),
+        Route(_SUBSCRIPTION, subscriptions.update_subscription, methods=["PATCH"]),
+        Route(_SUBSCRIPTION, subscriptions.delete_subscription, methods=["DELETE"]),
+        Route(_SUBSCRIPTION + "/rotate-secret", subscriptions.rotate_secret, methods=["POST"]),
+        Route(_SUBSCRIPTION + "/deliveries", subscriptions.list_deliveries, methods=["GET"]),
         Route("/health", probes.health, methods=["GET"]),
         Route("/ready", probes.ready, methods=["GET"]),
         Route("/openapi.json", probes.openapi, methods=["GET"]),
