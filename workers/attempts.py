@@ -16,6 +16,10 @@ __all__ = ["Outcome", "next_wait_s", "record_outcome"]
 
 log = logging.getLogger("flashsale.deliveries")
 
+# The longest an endpoint's Retry-After may put an attempt off: the standard schedule's longest
+# wait, so no answer parks a delivery for longer than the schedule would.
+RETRY_AFTER_MAX_S = 36_000
+
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
@@ -50,12 +54,12 @@ def _retry_after_s(value: str | None) -> int | None:
 
 def next_wait_s(schedule: tuple[int, ...], attempt: int, retry_after: str | None) -> int | None:
     """Seconds before the next attempt after ``attempt`` failed, or None: no attempts are left.
-    The endpoint's Retry-After replaces the scheduled wait, up to the schedule's longest."""
+    The endpoint's Retry-After replaces the scheduled wait, up to RETRY_AFTER_MAX_S."""
     if attempt >= len(schedule):
         return None
     asked = _retry_after_s(retry_after)
     if asked is not None:
-        return min(asked, max(schedule))
+        return min(asked, RETRY_AFTER_MAX_S)
     return schedule[attempt]
 
 

@@ -43,8 +43,10 @@ log = logging.getLogger("flashsale.deliveries")
 
 # The ctx key of the process's Dispatcher (made in workers.context.startup).
 DISPATCHER = "deliveries"
-# Beyond the request's own timeout, before another worker may send a claimed delivery again.
-LEASE_MARGIN_S = 30
+# Beyond the request's own timeout, before another worker may send a claimed delivery again:
+# time to record the outcome. Should recording outlast it, the delivery is sent twice (at least
+# once allows it) and the stale outcome is ignored (record_outcome matches the attempt).
+LEASE_MARGIN_S = 5
 
 _CLAIM = """
 WITH busy AS (
