@@ -37,7 +37,14 @@ from engine.settings import Settings
 from engine.subscriptions import signature_header
 from workers.attempts import Outcome, record_outcome
 
-__all__ = ["DISPATCHER", "Dispatcher", "claim_due", "deliver_events"]
+__all__ = [
+    "DISPATCHER",
+    "Dispatcher",
+    "claim_due",
+    "deliver_events",
+    "dispatch_due",
+    "dispatch_for",
+]
 
 log = logging.getLogger("flashsale.deliveries")
 
@@ -47,6 +54,10 @@ DISPATCHER = "deliveries"
 # time to record the outcome. Should recording outlast it, the delivery is sent twice (at least
 # once allows it) and the stale outcome is ignored (record_outcome matches the attempt).
 LEASE_MARGIN_S = 5
+# How long one job keeps starting deliveries (the next tick's job then takes over), and how
+# often it looks for newly due ones while none of its deliveries finishes.
+JOB_WINDOW_S = 0.9
+IDLE_LOOK_S = 0.2
 
 _CLAIM = """
 WITH busy AS (
@@ -131,6 +142,8 @@ class Dispatcher:
         self.in_flight: dict[str, int] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._session: aiohttp.ClientSession | None = None
+        # Set whenever a delivery finishes: its slot can take the next due one at once.
+        self.slot_freed = asyncio.Event()
 
     @property
     def free(self) -> int:
@@ -144,6 +157,7 @@ class Dispatcher:
 
     def _finished(self, task: asyncio.Task[None], subscription_id: str) -> None:
         self._tasks.discard(task)
+        self.slot_freed.set()
         left = self.in_flight.get(subscription_id, 1) - 1
         if left:
             self.in_flight[subscription_id] = left
@@ -208,12 +222,33 @@ class Dispatcher:
 
 
 async def deliver_events(ctx: dict[str, Any]) -> int:
-    """The arq job: produce the live sales' milestones, start the due deliveries."""
+    """The arq job: produce the live sales' milestones, then keep the dispatcher's slots busy
+    with due deliveries for about a second."""
     settings: Settings = ctx["settings"]
     dispatcher: Dispatcher = ctx[DISPATCHER]
     for sale_id in await live_sale_ids(ctx["store"]):
         await observe_sale(ctx["db"], ctx["store"], sale_id, settings.stock_low_units)
-    return await dispatch_due(dispatcher)
+    return await dispatch_for(dispatcher, JOB_WINDOW_S)
+
+
+async def dispatch_for(dispatcher: Dispatcher, window_s: float) -> int:
+    """Start due deliveries as slots free up, for ``window_s``; returns how many were started.
+    Deliveries still in flight at the end go on in the background."""
+    deadline = time.monotonic() + window_s
+    started = 0
+    while True:
+        dispatcher.slot_freed.clear()
+        now = await dispatch_due(dispatcher)
+        started += now
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return started
+        # A finished delivery frees a slot (and may make its endpoint's next one due); with
+        # nothing finishing, look again for newly due ones within IDLE_LOOK_S.
+        try:
+            await asyncio.wait_for(dispatcher.slot_freed.wait(), min(left, IDLE_LOOK_S))
+        except TimeoutError:
+            pass
 
 
 async def dispatch_due(dispatcher: Dispatcher) -> int:

@@ -88,7 +88,7 @@ def subscription_operations() -> dict[str, dict[str, Described]]:
             "delete": Described(
                 "deleteSubscription",
                 "Delete a subscription and its deliveries",
-                {"204": {"description": "Deleted"}},
+                {"200": _json(_ref("Deleted"), "Deleted")},
                 _ONE,
                 by_id,
             ),
@@ -208,6 +208,10 @@ def subscription_schemas() -> dict[str, Any]:
                     },
                 }
             },
+        },
+        "Deleted": {
+            "type": "object",
+            "properties": {"id": {"type": "string"}, "deleted": {"const": True}},
         },
         "Event": {
             "type": "object",

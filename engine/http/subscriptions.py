@@ -94,8 +94,9 @@ async def rotate_secret(request: Request) -> Response:
 
 async def delete_subscription(request: Request) -> Response:
     require_scope(request, "webhooks:write")
-    await subscriptions.delete_subscription(services(request).ledger, _subscription_id(request))
-    return Response(status_code=204)
+    subscription_id = _subscription_id(request)
+    await subscriptions.delete_subscription(services(request).ledger, subscription_id)
+    return JSONResponse({"id": subscription_id, "deleted": True})
 
 
 async def list_deliveries(request: Request) -> Response:
