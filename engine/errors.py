@@ -9,7 +9,8 @@ code, so documentation can link to it, and ``title`` is the reason phrase of the
     ├── Unauthorized (401)          invalid-token
     ├── Forbidden (403)             insufficient-scope, admin-role-required
     ├── NotFound (404)              sale-not-found, order-not-found, not-found,
-    │                               event-not-found, report-not-found, api-key-not-found*
+    │                               event-not-found, report-not-found, api-key-not-found*,
+    │                               subscription-not-found
     ├── MethodNotAllowed (405)      method-not-allowed
     ├── RequestTimeout (408)        request-timeout
     ├── SaleClosed                  sale-not-started (425), sale-paused (403), sale-ended (410)
@@ -20,7 +21,8 @@ code, so documentation can link to it, and ``title`` is the reason phrase of the
     ├── UnsupportedMediaType (415)  unsupported-media-type
     ├── Unprocessable (422)         invalid-body, invalid-quantity, quantity-exceeds-maximum,
     │                               idempotency-key-reused, invalid-sale, invalid-query,
-    │                               invalid-api-key*
+    │                               invalid-api-key*,
+    │                               invalid-subscription, invalid-parameter
     ├── RequestHeadersTooLarge (431) headers-too-large
     └── Unavailable (503)           not-ready, server-busy, payment-unavailable
 
@@ -202,6 +204,7 @@ PROBLEM_TYPES: dict[str, int] = {
     "event-not-found": 404,
     "report-not-found": 404,
     "api-key-not-found": 404,
+    "subscription-not-found": 404,
     "method-not-allowed": 405,
     "request-timeout": 408,
     "sold-out": 409,
@@ -222,6 +225,8 @@ PROBLEM_TYPES: dict[str, int] = {
     "invalid-sale": 422,
     "invalid-query": 422,
     "invalid-api-key": 422,
+    "invalid-subscription": 422,
+    "invalid-parameter": 422,
     "sale-not-started": 425,
     "headers-too-large": 431,
     "internal-error": 500,

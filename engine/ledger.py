@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import asyncpg
 
 __all__ = [
+    "INCOMING_CHANGES",
     "OrderChange",
     "count_orders",
     "entry_changes",
@@ -146,6 +147,8 @@ incoming AS (
            split_part(c, chr(31), 12) AS idempotency_key
     FROM unnest($2::text[]) AS c
 )"""
+# For the statements of other tables that read the same batch (engine.events).
+INCOMING_CHANGES = _INCOMING
 _PAYMENTS = """
 payments AS (
     INSERT INTO payments AS p (intent_id, order_id, amount, currency, order_state,

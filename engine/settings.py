@@ -32,6 +32,13 @@ This is the only module that reads ``os.environ``. Everything else receives a ``
 | FLASHSALE_GATEWAY_RATE_PER_S   | ``80``: payment gateway calls a second, whole deployment |
 | FLASHSALE_METRICS              | ``on``: count requests for ``GET /metrics``; or ``off`` |
 | FLASHSALE_METRICS_DIR          | ``<temp dir>/flashsale-metrics``: one per machine |
+| FLASHSALE_STOCK_LOW_UNITS      | ``10``: ``stock.low`` when a sale's available units fall to it |
+| FLASHSALE_DELIVERY_RETRY_S     | ``0,5,300,1800,7200,18000,36000,36000``: waits, per attempt |
+| FLASHSALE_DELIVERY_TIMEOUT_S   | ``10``: one delivery's whole HTTP exchange |
+| FLASHSALE_DELIVERY_CONCURRENCY | ``32``: deliveries in flight per worker process |
+| FLASHSALE_DELIVERY_PER_ENDPOINT | ``4``: of those, to one subscription   |
+| FLASHSALE_ENDPOINT_DISABLE_AFTER_S | ``432000`` (5 days) failing: disabled |
+| FLASHSALE_SECRET_GRACE_S       | ``86400``: a rotated-out secret still signs this long |
 """
 
 from __future__ import annotations
@@ -62,6 +69,19 @@ def _int(env: Mapping[str, str], name: str, default: int, minimum: int = 0) -> i
     if value < minimum:
         raise ConfigError(f"{name} must be at least {minimum}, got {value}")
     return value
+
+
+def _seconds_list(env: Mapping[str, str], name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        values = tuple(int(part) for part in raw.split(","))
+    except ValueError:
+        raise ConfigError(f"{name} must be whole seconds joined by commas, got {raw!r}") from None
+    if any(value < 0 for value in values):
+        raise ConfigError(f"{name} must not hold a negative wait, got {raw!r}")
+    return values
 
 
 def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -123,6 +143,17 @@ class Settings:
     metrics_dir: str = field(
         default_factory=lambda: os.path.join(tempfile.gettempdir(), "flashsale-metrics")
     )
+    # Events to subscribers (engine.events, workers.deliveries).
+    stock_low_units: int = 10
+    # The wait before each attempt of a delivery: the Standard Webhooks schedule, its length the
+    # number of attempts. Tests shorten it.
+    delivery_retry_s: tuple[int, ...] = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
+    delivery_timeout_s: int = 10
+    delivery_concurrency: int = 32
+    # A slow endpoint holds at most this many of the process's slots; the others keep moving.
+    delivery_per_endpoint: int = 4
+    endpoint_disable_after_s: int = 5 * 86400
+    secret_grace_s: int = 86400
 
     @property
     def jwt_algorithm(self) -> str:
@@ -187,6 +218,19 @@ class Settings:
             metrics=_choice(env, "FLASHSALE_METRICS", "on", ("on", "off")) == "on",
             metrics_dir=env.get("FLASHSALE_METRICS_DIR")
             or os.path.join(tempfile.gettempdir(), "flashsale-metrics"),
+            stock_low_units=_int(env, "FLASHSALE_STOCK_LOW_UNITS", cls.stock_low_units, 0),
+            delivery_retry_s=_seconds_list(env, "FLASHSALE_DELIVERY_RETRY_S", cls.delivery_retry_s),
+            delivery_timeout_s=_int(env, "FLASHSALE_DELIVERY_TIMEOUT_S", cls.delivery_timeout_s, 1),
+            delivery_concurrency=_int(
+                env, "FLASHSALE_DELIVERY_CONCURRENCY", cls.delivery_concurrency, 1
+            ),
+            delivery_per_endpoint=_int(
+                env, "FLASHSALE_DELIVERY_PER_ENDPOINT", cls.delivery_per_endpoint, 1
+            ),
+            endpoint_disable_after_s=_int(
+                env, "FLASHSALE_ENDPOINT_DISABLE_AFTER_S", cls.endpoint_disable_after_s, 1
+            ),
+            secret_grace_s=_int(env, "FLASHSALE_SECRET_GRACE_S", cls.secret_grace_s, 0),
         )
         if settings.environment == "production" and not (
             settings.jwt_secret or settings.jwt_public_key
@@ -239,6 +283,13 @@ class Settings:
             "FLASHSALE_GATEWAY_RATE_PER_S": str(self.gateway_rate_per_s),
             "FLASHSALE_METRICS": "on" if self.metrics else "off",
             "FLASHSALE_METRICS_DIR": self.metrics_dir,
+            "FLASHSALE_STOCK_LOW_UNITS": str(self.stock_low_units),
+            "FLASHSALE_DELIVERY_RETRY_S": ",".join(map(str, self.delivery_retry_s)),
+            "FLASHSALE_DELIVERY_TIMEOUT_S": str(self.delivery_timeout_s),
+            "FLASHSALE_DELIVERY_CONCURRENCY": str(self.delivery_concurrency),
+            "FLASHSALE_DELIVERY_PER_ENDPOINT": str(self.delivery_per_endpoint),
+            "FLASHSALE_ENDPOINT_DISABLE_AFTER_S": str(self.endpoint_disable_after_s),
+            "FLASHSALE_SECRET_GRACE_S": str(self.secret_grace_s),
         }
         optional = {
             "FLASHSALE_JWT_SECRET": self.jwt_secret,

@@ -134,7 +134,10 @@ async def redis(settings: Settings) -> AsyncIterator[Redis]:
 @pytest.fixture
 async def db(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     pool = await connect_postgres(settings, min_size=1, max_size=8)
-    await pool.execute("TRUNCATE sales, orders, order_events, payments, webhook_events CASCADE")
+    await pool.execute(
+        "TRUNCATE sales, orders, order_events, payments, webhook_events, webhook_subscriptions,"
+        " outbound_events CASCADE"
+    )
     yield pool
     await pool.close()
 

@@ -405,6 +405,8 @@ async def test_the_real_app_answers_only_what_is_documented(
     for path in ("/admin", "/admin/dashboard.js"):
         await send("GET", path, path, 200)
 
+    await answer_subscription_routes(send, admin, own)
+
     hook = "/v1/webhooks/stripe"
     stored = an_event()
     await send("POST", hook, hook, 200, **signed(stored))
@@ -427,6 +429,50 @@ async def test_the_real_app_answers_only_what_is_documented(
         assert not missing, f"{key} lists {missing} but never answered them here"
     unanswered = set(EVERY["x-problem-codes"]) - send.answered[("", "")]
     assert unanswered == UNPROVOKABLE | BY_THE_PROTOCOL
+
+
+async def answer_subscription_routes(
+    send: Driver, admin: dict[str, str], shopper_headers: dict[str, str]
+) -> None:
+    """Every webhook subscription route, with each of its answers."""
+    base = "/v1/admin/webhooks/subscriptions"
+    one, rotate, deliveries = (
+        base + "/{subscription_id}",
+        one_path("/rotate-secret"),
+        one_path("/deliveries"),
+    )
+    good = {"url": "http://127.0.0.1:9/hook", "event_types": ["order.paid"]}
+    created = (await send("POST", base, base, 201, json=good, headers=admin)).json()
+    await send("POST", base, base, 403, json=good, headers=shopper_headers)
+    await send("POST", base, base, 422, json={**good, "url": "nope"}, headers=admin)
+    await send("POST", base, base, 422, content=b"{", headers=admin)
+    await send("POST", base, base, 413, content=b" " * 9000, headers=admin)
+    await send("GET", base, base, 200, headers=admin)
+    await send("GET", base, base, 401)
+    url = one.replace("{subscription_id}", created["id"])
+    missing = one.replace("{subscription_id}", "sub_" + "0" * 24)
+    for method, template, ok, kwargs in [
+        ("GET", one, 200, {}),
+        ("PATCH", one, 200, {"json": {"enabled": True}}),
+        ("POST", rotate, 200, {}),
+        ("GET", deliveries, 200, {}),
+    ]:
+        path = template.replace("{subscription_id}", created["id"])
+        await send(method, template, path, ok, headers=admin, **kwargs)
+        await send(method, template, path, 401, **kwargs)
+        await send(method, template, template.replace(one, missing), 404, headers=admin, **kwargs)
+    await send("PATCH", one, url, 422, json={"enabled": "yes"}, headers=admin)
+    await send("PATCH", one, url, 422, content=b"[]", headers=admin)
+    await send("PATCH", one, url, 413, content=b" " * 9000, headers=admin)
+    listing = deliveries.replace("{subscription_id}", created["id"])
+    await send("GET", deliveries, listing + "?limit=x", 422, headers=admin)
+    await send("DELETE", one, url, 401)
+    await send("DELETE", one, url, 200, headers=admin)
+    await send("DELETE", one, url, 404, headers=admin)
+
+
+def one_path(tail: str) -> str:
+    return "/v1/admin/webhooks/subscriptions/{subscription_id}" + tail
 
 
 async def test_with_its_stores_down_the_app_answers_what_is_documented(
@@ -477,6 +523,16 @@ async def test_with_its_stores_down_the_app_answers_what_is_documented(
         ("GET", "/v1/admin/dashboard"): {"headers": {"Authorization": f"Bearer {ADMIN}"}},
         ("GET", "/admin"): {},
         ("GET", "/admin/dashboard.js"): {},
+        **{
+            (method, template): {
+                "headers": {"Authorization": f"Bearer {ADMIN}"},
+                "json": {"url": "http://127.0.0.1:9/", "event_types": ["order.paid"]}
+                if method == "POST" and template.endswith("subscriptions")
+                else ({"enabled": True} if method == "PATCH" else None),
+            }
+            for (method, template) in OPERATIONS
+            if template.startswith("/v1/admin/webhooks/")
+        },
         ("GET", "/health"): {},
         ("GET", "/ready"): {},
         ("GET", "/openapi.json"): {},
@@ -491,6 +547,7 @@ async def test_with_its_stores_down_the_app_answers_what_is_documented(
             for (method, template), kwargs in requests.items():
                 url = template.replace("{sale_id}", "s-down").replace("{order_id}", order)
                 url = url.replace("{event_id}", "evt_down")
+                url = url.replace("{subscription_id}", "sub_" + "0" * 24)
                 response = await client.request(method, url, **kwargs)
                 code = assert_documented((method, template), response)
                 lists = "not-ready" in OPERATIONS[method, template]["x-problem-codes"]

@@ -71,7 +71,7 @@ async def test_every_route_in_the_table_passes_the_hook(
     order = placed.json()["id"]
     app = create_app(settings)
     # Every other route of the table, once, whatever it answers (most refuse these requests).
-    ids = {"sale_id": sale.id, "order_id": order, "event_id": "evt_1"}
+    ids = {"sale_id": sale.id, "order_id": order, "event_id": "evt_1", "subscription_id": "sub_1"}
     for method, template in sorted(_templates(app)):
         if (method, template) != ("POST", "/v1/sales/{sale_id}/orders"):
             await client.request(method, template.format(**ids), headers=auth(settings))

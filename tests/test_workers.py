@@ -26,6 +26,7 @@ from engine.settings import Settings
 from localrun.demo import start_process
 from tests.conftest import CountingGateway, SaleFactory
 from workers.context import each_sale
+from workers.deliveries import DISPATCHER, Dispatcher
 from workers.heartbeats import HEALTH, WorkerHealth
 from workers.holds import expire_sale
 from workers.outbox import drain_sale
@@ -319,9 +320,11 @@ async def test_every_job_on_2000_unpaid_holds_calls_the_gateway_for_none(
         "settings": settings,
         "consumer": "t",
         HEALTH: health,
+        DISPATCHER: Dispatcher(settings, db),
     }
     for job in WorkerSettings.cron_jobs:
         await job.coroutine(ctx)
+    await ctx[DISPATCHER].aclose()
     # Every job ran to its end: a job that failed would also have made no gateway call.
     assert set(health.ran) == {job.name.removeprefix("cron:") for job in WorkerSettings.cron_jobs}
     assert not [name for name, outage in health.jobs.items() if outage.since is not None]
@@ -340,4 +343,5 @@ def test_the_cron_table_runs_each_job_from_its_family_module():
         "refunds": "workers.payments",
         "webhook_retries": "workers.webhooks",
         "reconcile_sales": "workers.reconcile",
+        "deliver_events": "workers.deliveries",
     }

@@ -21,8 +21,9 @@ import asyncpg
 from redis.asyncio import Redis
 from redis.exceptions import ResponseError
 
+from engine.events import write_with_events
 from engine.keys import OUTBOX_GROUP, sale_keys
-from engine.ledger import entry_changes, units_moved, write_changes
+from engine.ledger import entry_changes, units_moved
 from engine.metrics import LEDGER_CHANGES, UNITS
 from engine.restock import restock_entries, write_restocks
 from engine.sales import live_sale_ids
@@ -59,9 +60,10 @@ async def _write_and_ack(
     changes = [change for _, fields in entries if fields for change in entry_changes(fields)]
     # A reserve entry carries a whole batch of orders, so ``batch`` entries can hold far more
     # changes: at most ``batch`` per statement. A crash between statements leaves every entry
-    # pending, and the ledger absorbs the part written twice.
+    # pending, and the ledger absorbs the part written twice. Each statement's events for
+    # subscribers are produced in its transaction (engine.events), once however often replayed.
     for start in range(0, len(changes), batch):
-        await write_changes(db, sale_id, changes[start : start + batch])
+        await write_with_events(db, sale_id, changes[start : start + batch])
     await write_restocks(db, sale_id, restock_entries(entries))
     # Only now, after the commit: if we die before this line, the entries stay pending and are
     # written again by whoever claims them.

@@ -1,6 +1,6 @@
 """arq ``WorkerSettings``: run with ``flashsale worker``, which points arq at FLASHSALE_REDIS_URL.
 
-The cron table of the five jobs, each defined beside the logic it runs:
+The cron table of the six jobs, each defined beside the logic it runs:
 
 | job             | module                | runs                          |
 | --------------- | --------------------- | ----------------------------- |
@@ -9,6 +9,7 @@ The cron table of the five jobs, each defined beside the logic it runs:
 | refunds         | ``workers.payments``  | every second, at .75 s        |
 | webhook_retries | ``workers.webhooks``  | every ten seconds             |
 | reconcile_sales | ``workers.reconcile`` | every minute, at second 15    |
+| deliver_events  | ``workers.deliveries``| every second, at .25 s        |
 
 Every cron job is unique per tick (arq's default), so with several worker processes each tick
 runs once. The per-second jobs start at different fractions of the second and also run once at
@@ -26,6 +27,7 @@ from typing import Any
 from arq import cron
 
 from workers.context import shutdown, startup
+from workers.deliveries import deliver_events
 from workers.heartbeats import recorded
 from workers.holds import expire_holds
 from workers.outbox import drain_outboxes
@@ -42,6 +44,7 @@ PERIODS_S: dict[str, float] = {
     "refunds": 1,
     "webhook_retries": 10,
     "reconcile_sales": 60,
+    "deliver_events": 1,
 }
 
 
@@ -59,6 +62,14 @@ class WorkerSettings:
         cron(recorded(refunds), second=None, microsecond=750_000, run_at_startup=True, timeout=30),
         cron(recorded(webhook_retries), second={0, 10, 20, 30, 40, 50}, timeout=30),
         cron(recorded(reconcile_sales), second=15, timeout=120),
+        # Returns once it has started the due deliveries: they run in the process's Dispatcher.
+        cron(
+            recorded(deliver_events),
+            second=None,
+            microsecond=250_000,
+            run_at_startup=True,
+            timeout=30,
+        ),
     ]
     on_startup = startup
     on_shutdown = shutdown

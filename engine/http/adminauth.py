@@ -101,7 +101,7 @@ def _target(request: Request) -> str | None:
     if chosen is not None:
         return str(chosen)
     params = request.path_params
-    for name in ("order_id", "event_id", "sale_id"):
+    for name in ("order_id", "event_id", "subscription_id", "sale_id"):
         if name in params:
             return str(params[name])
     return None

@@ -30,6 +30,7 @@ from engine.http import (
     orders,
     probes,
     sales,
+    subscriptions,
     webhooks,
 )
 from engine.http.auth import TokenVerifier
@@ -49,6 +50,10 @@ log = logging.getLogger("flashsale.app")
 # The longest a webhook's Postgres connection attempt or statement may take: Stripe retries a
 # webhook that failed, so a 503 beats a request held by a stalled ledger.
 POSTGRES_DEADLINE_S = 5.0
+
+
+_SUBSCRIPTIONS = "/v1/admin/webhooks/subscriptions"
+_SUBSCRIPTION = _SUBSCRIPTIONS + "/{subscription_id}"
 
 
 def route_table(order_route: OrderRoute) -> list[BaseRoute]:
@@ -84,6 +89,13 @@ def route_table(order_route: OrderRoute) -> list[BaseRoute]:
         Route("/v1/admin/dashboard", dashboard.dashboard, methods=["GET"]),
         Route("/admin", dashboard.page, methods=["GET"]),
         Route("/admin/dashboard.js", dashboard.script, methods=["GET"]),
+        Route(_SUBSCRIPTIONS, subscriptions.create_subscription, methods=["POST"]),
+        Route(_SUBSCRIPTIONS, subscriptions.list_subscriptions, methods=["GET"]),
+        Route(_SUBSCRIPTION, subscriptions.get_subscription, methods=["GET"]),
+        Route(_SUBSCRIPTION, subscriptions.update_subscription, methods=["PATCH"]),
+        Route(_SUBSCRIPTION, subscriptions.delete_subscription, methods=["DELETE"]),
+        Route(_SUBSCRIPTION + "/rotate-secret", subscriptions.rotate_secret, methods=["POST"]),
+        Route(_SUBSCRIPTION + "/deliveries", subscriptions.list_deliveries, methods=["GET"]),
         Route("/health", probes.health, methods=["GET"]),
         Route("/ready", probes.ready, methods=["GET"]),
         Route("/openapi.json", probes.openapi, methods=["GET"]),

@@ -19,6 +19,7 @@ from engine.errors import PROBLEM_MEDIA_TYPE, PROBLEM_TYPES
 from engine.http.adminopenapi import admin_paths
 from engine.http.bodies import MAX_QUANTITY
 from engine.http.schemas import component_schemas
+from engine.http.subscriptiondocs import subscription_operations, subscription_schemas
 from engine.http.webhooks import MAX_WEBHOOK_BYTES
 from engine.ids import IDEMPOTENCY_KEY_PATTERN
 
@@ -174,9 +175,29 @@ def _static(operation_id: str, summary: str, media: str = "text/html") -> dict[s
     return _operation(operation_id, "admin", summary, {"200": page}, ())
 
 
+def _subscription_paths() -> dict[str, Any]:
+    return {
+        path: {
+            method: _operation(
+                op.operation_id,
+                "webhooks",
+                op.summary,
+                op.answers,
+                op.codes,
+                **op.extra,
+                security=[{"admin": []}],
+                **{"x-scope": "webhooks:read" if method == "get" else "webhooks:write"},
+            )
+            for method, op in methods.items()
+        }
+        for path, methods in subscription_operations().items()
+    }
+
+
 def _paths() -> dict[str, Any]:
     order = _json(_ref("schemas", "Order"), "The order")
     return {
+        **_subscription_paths(),
         "/v1/sales/{sale_id}": {
             "get": _operation(
                 "getSale",
@@ -372,7 +393,7 @@ def openapi_document() -> dict[str, Any]:
             "responses": _problem_responses(_EVERY_REQUEST_CODES),
         },
         "components": {
-            "schemas": component_schemas(),
+            "schemas": {**component_schemas(), **subscription_schemas()},
             "securitySchemes": {
                 "shopper": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"},
                 "admin": {
