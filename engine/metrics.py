@@ -26,8 +26,11 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+
+from engine.salestats import SaleStats
 
 __all__ = [
     "CONTENT_TYPE_LATEST",
@@ -48,6 +51,7 @@ __all__ = [
     "forget_dead_processes",
     "multiprocess_dir",
     "render",
+    "sale_gauges",
 ]
 
 # The order route's template: its requests are also counted by outcome.
@@ -177,6 +181,47 @@ def render(extra: Iterable[Collector] = ()) -> bytes:
     for collector in extra:
         combined.register(collector)
     return generate_latest(combined)
+
+
+def sale_gauges(stats: Iterable[SaleStats]) -> Collector:
+    """The live sales' figures as gauges, read from Redis at scrape time (``engine.salestats``:
+    a round trip per sale, never a scan). The label ``sale`` is bounded by the live sales."""
+    units = GaugeMetricFamily(
+        "flashsale_sale_units", "A live sale's units by state.", labels=["sale", "state"]
+    )
+    families = {
+        "holds": GaugeMetricFamily("flashsale_sale_holds", "Live holds.", labels=["sale"]),
+        "holds_due": GaugeMetricFamily(
+            "flashsale_sale_holds_due",
+            "Holds past their expiry that a worker has not released yet.",
+            labels=["sale"],
+        ),
+        "outbox_length": GaugeMetricFamily(
+            "flashsale_sale_outbox_entries",
+            "Changes in the sale's outbox the ledger has not committed.",
+            labels=["sale"],
+        ),
+        "refunds_owed": GaugeMetricFamily(
+            "flashsale_sale_refunds_owed", "Refunds still to make at the gateway.", labels=["sale"]
+        ),
+        "cancels_owed": GaugeMetricFamily(
+            "flashsale_sale_intent_cancels_owed",
+            "PaymentIntents of cancelled orders still to cancel at the gateway.",
+            labels=["sale"],
+        ),
+    }
+    lag = GaugeMetricFamily(
+        "flashsale_sale_ledger_lag_seconds",
+        "Age of the oldest change the ledger has not committed (0: caught up).",
+        labels=["sale"],
+    )
+    for sale in stats:
+        for state in ("available", "held", "sold", "withdrawn"):
+            units.add_metric([sale.sale_id, state], getattr(sale, state))
+        for name, family in families.items():
+            family.add_metric([sale.sale_id], getattr(sale, name))
+        lag.add_metric([sale.sale_id], sale.ledger_lag_ms / 1000)
+    return _Fixed([units, *families.values(), lag])
 
 
 class _Fixed(Collector):

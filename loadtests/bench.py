@@ -36,6 +36,7 @@ from typing import Any
 
 import asyncpg
 from redis.asyncio import Redis
+from tqdm import tqdm
 
 from engine.db import connect_postgres, connect_redis, migrate
 from engine.http.auth import mint_tokens
@@ -365,7 +366,7 @@ async def _bench(options: BenchOptions) -> dict[str, Any]:
         ledger_waits = []
         rounds = max(1, options.duration_s)
         print(f"{rounds} rounds of 1 s per phase, {options.connections} connections", flush=True)
-        for _ in range(rounds):
+        for _ in tqdm(range(rounds), desc="rounds", unit=" rounds", disable=None):
             for name in PHASE_ORDER:
                 if name == FSYNC_PHASE:
                     await redis.config_set("appendfsync", "always")

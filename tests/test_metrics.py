@@ -121,9 +121,9 @@ async def metered(settings: Settings, redis: Redis) -> AsyncIterator[httpx.Async
 
 
 async def test_metrics_count_what_a_flood_saw(
-    metered: httpx.AsyncClient, redis_sale: SaleFactory, settings: Settings
+    metered: httpx.AsyncClient, ledger_sale: SaleFactory, settings: Settings
 ) -> None:
-    sale = await redis_sale(stock=150, per_user_limit=2, per_order_max=2)
+    sale = await ledger_sale(stock=150, per_user_limit=2, per_order_max=2)
     tokens = mint_tokens(settings, [f"shopper-{i}" for i in range(90)])
     before = samples((await metered.get("/metrics")).text)
 
@@ -136,7 +136,16 @@ async def test_metrics_count_what_a_flood_saw(
     response = await metered.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
-    check_orders(before, samples(response.text), seen)
+    after = samples(response.text)
+    check_orders(before, after, seen)
+    # The sale's gauges, read from Redis at the scrape: every unit accepted is held.
+    accepted = seen[(201, "", False)]
+    units = "flashsale_sale_units"
+    assert value(after, units, sale=sale.id, state="held") == accepted
+    assert value(after, units, sale=sale.id, state="available") == 150 - accepted
+    assert value(after, "flashsale_sale_holds", sale=sale.id) == accepted
+    assert value(after, "flashsale_sale_outbox_entries", sale=sale.id) > 0  # no worker here
+    assert value(after, "flashsale_sale_ledger_lag_seconds", sale=sale.id) > 0
 
 
 async def _sale_in_ledger(settings: Settings, redis: Redis, sale: SaleDefinition) -> None:

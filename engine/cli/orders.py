@@ -19,6 +19,8 @@ __all__ = ["cmd_order_refund", "cmd_reconcile", "cmd_token"]
 
 
 def cmd_token(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from engine.http.auth import mint_tokens
 
     settings = Settings.from_env()
@@ -26,7 +28,10 @@ def cmd_token(args: argparse.Namespace) -> int:
         users = list(args.user)
     else:
         users = [f"{args.prefix}{i}" for i in range(1, args.count + 1)]
-    tokens = mint_tokens(settings, users, args.ttl)
+    # A bar on a terminal (tqdm's disable=None) when there are enough to wait for: RS256 signs
+    # about a thousand a second.
+    shown = tqdm(users, desc="minting", unit=" tokens", disable=None if len(users) > 2000 else True)
+    tokens = mint_tokens(settings, shown, args.ttl)
     if args.out:
         lines = [f"{user}\t{token}" for user, token in zip(users, tokens, strict=True)]
         Path(args.out).write_text("\n".join(lines) + "\n")
@@ -61,6 +66,8 @@ def cmd_order_refund(args: argparse.Namespace) -> int:
 
 
 def cmd_reconcile(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
     from engine.payments import make_gateway
     from engine.reconcile import reconcile
     from engine.sales import live_sale_ids
@@ -69,7 +76,8 @@ def cmd_reconcile(args: argparse.Namespace) -> int:
         gateway = make_gateway(Settings.from_env(), redis)
         sale_ids = [args.sale] if args.sale else await live_sale_ids(redis)
         differences = 0
-        for sale_id in sale_ids:
+        # On a terminal only (the report goes to stdout, the bar to stderr).
+        for sale_id in tqdm(sale_ids, desc="reconciling", unit=" sales", disable=None):
             report = await reconcile(
                 redis, db, gateway, sale_id, repair=args.repair, full=args.full
             )

@@ -21,7 +21,10 @@ from starlette.responses import Response
 from starlette.types import Scope
 
 from engine import metrics
+from engine.errors import STORE_UNREACHABLE
+from engine.http.context import services
 from engine.http.routing import REPLAYED_SCOPE_KEY, RequestHook
+from engine.salestats import all_sale_stats
 
 __all__ = ["RequestMetrics", "flushing", "metrics_route"]
 # How often each process moves its counts into the shared metrics (s): a scrape of another
@@ -106,9 +109,15 @@ async def flushing(hook: RequestMetrics) -> AsyncIterator[None]:
 
 
 async def metrics_route(request: Request) -> Response:
-    """Every process's metrics in Prometheus's text format."""
+    """Every process's metrics in Prometheus's text format, and the live sales' gauges."""
     hook = request.app.hook
     if isinstance(hook, RequestMetrics):
         hook.flush()  # this process's own requests, up to this one
-    body = metrics.render()
+    try:
+        _, stats = await all_sale_stats(services(request).store)
+    except STORE_UNREACHABLE:
+        # Redis away: the counters still answer (a scrape must not fail with the store);
+        # the sales' gauges are missing until it is back, which alerting sees as absent.
+        stats = []
+    body = metrics.render([metrics.sale_gauges(stats)])
     return Response(body, media_type=metrics.CONTENT_TYPE_LATEST)
