@@ -321,8 +321,8 @@ def _add_tooling(commands: _Commands) -> None:
     bench.add_argument(
         "--stock",
         type=_positive,
-        help="units of the while-stock-lasts sale (default: 30,000 x duration, more than any "
-        "server here can sell in the phase)",
+        help="units of the while-stock-lasts sale (default: 30,000 for every second of the "
+        "phases that order in it, more than any server here can sell)",
     )
     bench.add_argument("--shoppers", type=_positive, default=10_000, help="distinct tokens")
     bench.add_argument(
