@@ -57,8 +57,11 @@ _STATES = ", ".join(f"('{state}', '{kind}')" for state, kind in ORDER_EVENTS.ite
 _PRODUCE = f"""
 WITH {INCOMING_CHANGES},
 typed AS (
+    -- A 'reserved' change after the first (a PaymentIntent attached to the hold) is the same
+    -- order still held: only version 1 places it.
     SELECT DISTINCT ON (i.id, i.version) i.*, t.type
     FROM incoming i JOIN (VALUES {_STATES}) AS t (state, type) USING (state)
+    WHERE i.state <> 'reserved' OR i.version = 1
 ),
 wanted AS (
     SELECT * FROM typed

@@ -130,6 +130,9 @@ class RateLimitedGateway:
         except GatewayRefused:
             outcome = "refused"
             raise
+        except BaseException:  # a fault of ours, or the caller gave up (cancelled)
+            outcome = "error"
+            raise
         finally:
             GATEWAY_CALLS.labels(operation, outcome).inc()
             GATEWAY_SECONDS.labels(operation).observe(time.perf_counter() - started)

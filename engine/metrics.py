@@ -48,7 +48,6 @@ __all__ = [
     "REQUESTS",
     "UNITS",
     "WEBHOOK_EVENTS",
-    "forget_dead_processes",
     "multiprocess_dir",
     "render",
     "sale_gauges",
@@ -125,7 +124,8 @@ WEBHOOK_EVENTS = Counter(
 )
 GATEWAY_CALLS = Counter(
     "flashsale_gateway_calls_total",
-    "Payment gateway calls by operation and outcome (ok, busy, unavailable, refused).",
+    "Payment gateway calls by operation and outcome (ok, busy, unavailable, refused, error; "
+    "limited: held back by the deployment's rate, never sent).",
     ["operation", "outcome"],
 )
 GATEWAY_SECONDS = Histogram(
@@ -145,24 +145,6 @@ def multiprocess_dir() -> Path | None:
     """The folder prometheus-client shares between processes, if it runs in that mode."""
     folder = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     return Path(folder) if folder else None
-
-
-def forget_dead_processes(folder: Path) -> int:
-    """Delete the files of processes that are gone (a server starting again): their counts
-    would otherwise be added in forever, and their gauges would stay. Returns how many."""
-    removed = 0
-    for path in folder.glob("*.db"):
-        pid = path.stem.rsplit("_", 1)[-1]
-        if not pid.isdigit():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            path.unlink(missing_ok=True)
-            removed += 1
-        except PermissionError:  # alive, another user's
-            pass
-    return removed
 
 
 def render(extra: Iterable[Collector] = ()) -> bytes:

@@ -72,7 +72,10 @@ async def write_restocks(db: asyncpg.Pool, sale_id: str, restocks: list[tuple[st
         return
     rows = []
     for entry_id, packed in restocks:
-        units, at_ms, actor, _ = packed.split(_SEP)
+        # The actor is free text (a JWT's subject): it may hold the separator itself, so it
+        # is whatever lies between the time and the last value.
+        units, at_ms, rest = packed.split(_SEP, 2)
+        actor = rest.rpartition(_SEP)[0]
         rows.append((sale_id, entry_id, int(units), actor, int(at_ms)))
     await db.executemany(
         """

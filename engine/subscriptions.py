@@ -78,8 +78,12 @@ def _shown(row: asyncpg.Record) -> dict[str, Any]:
 def _url(value: Any) -> str:
     if not isinstance(value, str) or len(value) > _MAX_URL:
         raise Unprocessable("invalid-subscription", f"url must be a string of at most {_MAX_URL}")
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    try:
+        parts = urlsplit(value)
+        host = parts.hostname
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        host = None
+    if host is None or parts.scheme not in ("http", "https"):
         raise Unprocessable("invalid-subscription", "url must be an http or https URL")
     return value
 

@@ -42,8 +42,9 @@ CREATE TABLE outbound_deliveries (
     updated_at      timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (subscription_id, event_id)
 );
--- The delivery job reads only what is due: it never scans delivered or failed rows.
-CREATE INDEX outbound_deliveries_due ON outbound_deliveries (next_attempt_at)
+-- The delivery job reads only what is due, per subscription (its claim takes each endpoint's
+-- earliest due ones): it never scans delivered or failed rows, nor another endpoint's backlog.
+CREATE INDEX outbound_deliveries_due ON outbound_deliveries (subscription_id, next_attempt_at)
     WHERE state = 'pending';
 CREATE INDEX outbound_deliveries_by_subscription
     ON outbound_deliveries (subscription_id, created_at DESC);

@@ -95,6 +95,9 @@ async def test_revoked_and_expired_keys_are_refused(
     await asyncio.sleep(0.25)  # past the process's cache of the lookup
     answer = await client.get(show, headers=bearer(secret))
     assert answer.status_code == 401 and answer.json()["code"] == "invalid-token"
+    # A revoked key's use is named in the audit (an unknown one, anybody's, is not).
+    refused = await db.fetchrow("SELECT * FROM audit ORDER BY id DESC LIMIT 1")
+    assert (refused["actor"], refused["outcome"]) == (made.actor, "invalid-token")
 
     expiring, secret = await apikeys.create_key(db, "expiring", ["sales:read"], 1)
     await db.execute(
@@ -143,6 +146,14 @@ async def test_apikey_cli_prints_the_key_once_lists_and_revokes(
     revoked = await asyncio.to_thread(flashsale, settings, "apikey", "revoke", str(key_id))
     assert revoked.returncode == 0 and "revoked" in revoked.stdout
     assert (await db.fetchval("SELECT revoked_at FROM api_keys WHERE id = $1", key_id)) is not None
+    cli_rows = await db.fetch(
+        "SELECT action, target FROM audit WHERE actor LIKE 'cli:%' AND target = $1 ORDER BY id",
+        str(key_id),
+    )
+    assert [tuple(r) for r in cli_rows] == [
+        ("apikey.create", str(key_id)),
+        ("apikey.revoke", str(key_id)),
+    ]
     missing = await asyncio.to_thread(flashsale, settings, "apikey", "revoke", "999999")
     assert missing.returncode == 1 and "api-key-not-found" in missing.stderr
     version = await asyncio.to_thread(flashsale, settings, "--version")

@@ -283,6 +283,15 @@ async def admin_routes(
     await send("PATCH", one, "/v1/admin/sales/s-admin", 200, json={"price": 9}, headers=admin)
     await send("PATCH", one, "/v1/admin/sales/s-admin", 413, **big)
     await send("PATCH", one, "/v1/admin/sales/s-admin", 422, json={"stock": 1}, headers=admin)
+    # What Postgres could not hold is refused before anything changes, Redis included.
+    for bad in (
+        {"per_user_limit": 2**31},
+        {"ends_at": "9999-12-31T23:59:59-14:00"},
+        {"name": "nul\u0000"},
+    ):
+        await send("PATCH", one, "/v1/admin/sales/s-admin", 422, json=bad, headers=admin)
+    await send("POST", sales, sales, 422, json={**new_sale, "stock": 2**31}, headers=admin)
+    await send("GET", sales, sales + "?cursor=%00", 422, headers=admin)
     bad_window = {"ends_at": iso(now - 7200)}
     await send("PATCH", one, "/v1/admin/sales/s-admin", 422, json=bad_window, headers=admin)
     await send("PATCH", one, "/v1/admin/sales/s-gone", 404, json={"price": 1}, headers=admin)
@@ -445,6 +454,7 @@ async def answer_subscription_routes(
     created = (await send("POST", base, base, 201, json=good, headers=admin)).json()
     await send("POST", base, base, 403, json=good, headers=shopper_headers)
     await send("POST", base, base, 422, json={**good, "url": "nope"}, headers=admin)
+    await send("POST", base, base, 422, json={**good, "url": "http://["}, headers=admin)
     await send("POST", base, base, 422, content=b"{", headers=admin)
     await send("POST", base, base, 413, content=b" " * 9000, headers=admin)
     await send("GET", base, base, 200, headers=admin)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import sys
 from datetime import UTC, datetime
 
@@ -14,11 +15,19 @@ from engine.cli.stores import run_with_stores
 __all__ = ["cmd_apikey_create", "cmd_apikey_list", "cmd_apikey_revoke"]
 
 
+def _actor() -> str:
+    """Who runs the CLI, for the audit: the operating system's user."""
+    return f"cli:{getpass.getuser()}"
+
+
 def cmd_apikey_create(args: argparse.Namespace) -> int:
+    from engine import audit
     from engine.apikeys import create_key
 
     async def run(db: asyncpg.Pool, redis: Redis) -> int:
         key, secret = await create_key(db, args.name, args.scope, args.expires_in)
+        detail = {"name": key.name, "scopes": list(key.scopes)}
+        await audit.record(db, _actor(), "apikey.create", str(key.id), "ok", detail)
         print(secret)
         print(
             f"key {key.id} ({key.name}): {', '.join(key.scopes)}; shown once, only its hash "
@@ -49,10 +58,12 @@ def cmd_apikey_list(args: argparse.Namespace) -> int:
 
 
 def cmd_apikey_revoke(args: argparse.Namespace) -> int:
+    from engine import audit
     from engine.apikeys import CACHE_S, revoke_key
 
     async def run(db: asyncpg.Pool, redis: Redis) -> int:
         key = await revoke_key(db, args.id)
+        await audit.record(db, _actor(), "apikey.revoke", str(key.id), "ok")
         print(f"revoked key {key.id} ({key.name}); servers refuse it within {CACHE_S:g} s")
         return 0
 

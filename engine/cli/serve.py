@@ -28,12 +28,11 @@ def _share_metrics(settings: Settings) -> None:
     machine's one folder that ``/metrics`` adds up. prometheus-client picks where it keeps
     values when it is first imported, from this variable: it is set before anything imports
     it, and uvicorn's server processes inherit it."""
+    # The files of processes that ended stay: their counts are part of the machine's totals
+    # (removing them would make every counter drop, which Prometheus reads as a reset).
     folder = Path(settings.metrics_dir)
     folder.mkdir(parents=True, exist_ok=True)
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
-    from engine.metrics import forget_dead_processes
-
-    forget_dead_processes(folder)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -77,9 +77,11 @@ async def require_scope(request: Request, scope: str) -> str:
     found = services(request)
     if credential.startswith(KEY_PREFIX):
         key = await _key_cache(request).lookup(found.ledger, credential)
+        if key is not None:
+            # Named before the check: a revoked or expired key's use is what the audit is for.
+            request.state.admin_actor = key.actor
         if key is None or not key.usable(datetime.now(UTC)):
             raise Unauthorized("the API key is unknown, revoked or expired")
-        request.state.admin_actor = key.actor
         if scope not in key.scopes:
             raise Forbidden(
                 "insufficient-scope", f"this API key lacks the scope {scope}", scope=scope

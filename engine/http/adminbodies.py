@@ -6,7 +6,7 @@ string) or a 413, before anything changes.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -15,10 +15,20 @@ from starlette.requests import Request
 from engine.errors import PayloadTooLarge, Unprocessable
 from engine.http.context import services
 
-__all__ = ["MAX_PAGE", "json_object", "page_limit", "positive_int", "time_ms"]
+__all__ = [
+    "MAX_PAGE",
+    "has_nul",
+    "json_object",
+    "page_cursor",
+    "page_limit",
+    "positive_int",
+    "time_ms",
+]
 
 # Rows one page of a list answers at most; the default is a screenful.
 MAX_PAGE = 500
+MAX_CURSOR = 200
+MAX_INT = 2**31 - 1
 DEFAULT_PAGE = 50
 
 
@@ -39,14 +49,38 @@ async def json_object(request: Request, allowed: set[str]) -> dict[str, Any]:
     unknown = set(parsed) - allowed
     if unknown:
         raise Unprocessable("invalid-body", f"unknown fields: {', '.join(sorted(unknown))}")
+    if has_nul(parsed):
+        raise Unprocessable("invalid-body", "text may not contain NUL characters")
     return parsed
+
+
+def has_nul(value: Any) -> bool:
+    """Whether any string in ``value`` holds a NUL: Postgres text cannot, and would refuse it
+    after Redis had been changed."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(has_nul(k) or has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(has_nul(v) for v in value)
+    return False
+
+
+def page_cursor(request: Request) -> str:
+    """The ``cursor`` query parameter (the last id of the page before), '' for the first page."""
+    cursor = request.query_params.get("cursor", "")
+    if len(cursor) > MAX_CURSOR or "\x00" in cursor:
+        raise Unprocessable("invalid-query", f"cursor must be an id of at most {MAX_CURSOR} chars")
+    return cursor
 
 
 def positive_int(body: dict[str, Any], name: str, *, minimum: int = 1) -> int:
     value = body.get(name)
-    # bool is an int in Python; true must not mean 1.
-    if type(value) is not int or value < minimum:
-        raise Unprocessable("invalid-body", f"{name} must be an integer >= {minimum}")
+    # bool is an int in Python; true must not mean 1. The ledger keeps these as int4.
+    if type(value) is not int or not minimum <= value <= MAX_INT:
+        raise Unprocessable(
+            "invalid-body", f"{name} must be an integer from {minimum} to {MAX_INT}"
+        )
     return value
 
 
@@ -57,11 +91,19 @@ def time_ms(body: dict[str, Any], name: str) -> int:
         moment = datetime.fromisoformat(value) if isinstance(value, str) else None
     except ValueError:
         moment = None
-    if moment is None or moment.tzinfo is None:
-        raise Unprocessable(
-            "invalid-body", f"{name} must be an ISO 8601 time with a zone, e.g. 2030-01-01T12:00Z"
-        )
-    return int(moment.timestamp() * 1000)
+    if moment is not None and moment.tzinfo is not None:
+        try:
+            # Within what Python and Postgres both hold once moved to UTC (9999-12-31T23:00-14:00
+            # is in year 10000 there).
+            in_utc = moment.astimezone(UTC)
+        except OverflowError:
+            in_utc = None
+        if in_utc is not None and 1970 <= in_utc.year <= 9998:
+            return int(moment.timestamp() * 1000)
+    raise Unprocessable(
+        "invalid-body",
+        f"{name} must be an ISO 8601 time with a zone from 1970 to 9998, e.g. 2030-01-01T12:00Z",
+    )
 
 
 def page_limit(request: Request) -> int:

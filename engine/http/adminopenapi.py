@@ -194,7 +194,12 @@ def admin_paths(
                 ("invalid-query", "sale-not-found", "payment-unavailable"),
                 parameters=[
                     sale_id,
-                    query("full", "Everything (default) or since the sale's cursor.", flag),
+                    query(
+                        "full",
+                        "Every order and intent (an audit; slow on a large sale) instead of "
+                        "what changed since the sale's cursor (the default).",
+                        flag,
+                    ),
                     query("repair", "Repair what can be repaired (default false).", flag),
                 ],
             ),

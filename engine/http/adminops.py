@@ -40,7 +40,9 @@ async def _run_reconcile(request: Request, actor: str) -> Response:
     """Compare the sale across Redis, the ledger and the gateway (everything with ``full``, else
     what changed at the gateway since its cursor), repair with ``repair``, and keep the report."""
     sale = sale_id(request)
-    full, repair = _flag(request, "full", True), _flag(request, "repair", False)
+    # The cursor comparison by default: the whole sweep reads every intent at the gateway, at
+    # the shoppers' priority, and is for audits (full=true) of a sale that is over.
+    full, repair = _flag(request, "full", False), _flag(request, "repair", False)
     found = services(request)
     if await inventory.read_sale(found.store, sale) is None:
         raise NotFound("sale-not-found", f"there is no sale {sale!r} in Redis")

@@ -13,7 +13,7 @@ from starlette.responses import Response
 from engine import inventory
 from engine.errors import Conflict, NotFound, Unprocessable
 from engine.http.adminauth import admin_action
-from engine.http.adminbodies import page_limit
+from engine.http.adminbodies import page_cursor, page_limit
 from engine.http.bodies import JSONResponse, stored_order_body
 from engine.http.context import order_ids, services
 from engine.ids import is_sale_id, is_user_id
@@ -53,7 +53,7 @@ async def _search_orders(request: Request, actor: str) -> Response:
     sale = _filter(request, "sale_id", is_sale_id)
     user = _filter(request, "user_id", is_user_id)
     state = _filter(request, "state", ORDER_STATES.__contains__)
-    cursor = request.query_params.get("cursor", "")
+    cursor = page_cursor(request)
     limit = page_limit(request)
     rows = await services(request).ledger.fetch(
         f"""

@@ -13,7 +13,7 @@ from starlette.responses import Response
 from engine import inventory, restock, sales
 from engine.errors import Conflict, NotFound, Unprocessable
 from engine.http.adminauth import admin_action
-from engine.http.adminbodies import json_object, page_limit, positive_int, time_ms
+from engine.http.adminbodies import json_object, page_cursor, page_limit, positive_int, time_ms
 from engine.http.bodies import JSONResponse
 from engine.http.context import sale_id, services
 from engine.http.soldout import SoldOutMemory
@@ -96,7 +96,7 @@ async def _create_sale(request: Request, actor: str) -> Response:
 
 
 async def _list_sales(request: Request, actor: str) -> Response:
-    cursor = request.query_params.get("cursor", "")
+    cursor = page_cursor(request)
     limit = page_limit(request)
     rows = await services(request).ledger.fetch(
         "SELECT * FROM sales WHERE id > $1 ORDER BY id LIMIT $2", cursor, limit + 1
@@ -154,6 +154,11 @@ async def _amend_sale(request: Request, actor: str) -> Response:
     for name, value in values.items():
         redis_field = _AMENDABLE[name][1]
         fields += [redis_field, value * 1000 if redis_field == "hold_ms" else value]
+    # Built before Redis changes, so nothing in them can fail after it did.
+    times = {"starts_at", "ends_at"}
+    ledger_values = [
+        datetime.fromtimestamp(v / 1000, tz=UTC) if k in times else v for k, v in values.items()
+    ]
     reply = await _amend(found.store, [sale_keys(sale).sale], fields)
     code = Code(reply[0])
     if code is Code.SALE_NOT_FOUND:
@@ -161,11 +166,8 @@ async def _amend_sale(request: Request, actor: str) -> Response:
     if code is Code.INVALID_STATE:
         raise Conflict("sale-started", f"the sale is {reply[1]}: its terms can no longer change")
     assignments = ", ".join(f"{_AMENDABLE[name][0]} = ${i}" for i, name in enumerate(values, 2))
-    times = {"starts_at", "ends_at"}
     await found.ledger.execute(
-        f"UPDATE sales SET {assignments}, updated_at = now() WHERE id = $1",
-        sale,
-        *(datetime.fromtimestamp(v / 1000, tz=UTC) if k in times else v for k, v in values.items()),
+        f"UPDATE sales SET {assignments}, updated_at = now() WHERE id = $1", sale, *ledger_values
     )
     return JSONResponse(await sales.sale_report(found.ledger, found.store, sale))
 

@@ -119,5 +119,8 @@ async def metrics_route(request: Request) -> Response:
         # Redis away: the counters still answer (a scrape must not fail with the store);
         # the sales' gauges are missing until it is back, which alerting sees as absent.
         stats = []
-    body = metrics.render([metrics.sale_gauges(stats)])
+    # Adding up every process's files takes milliseconds (8 ms for 8 files of 100 series on a
+    # 2-core machine, tens with more): in a thread, so the orders in flight on this loop are
+    # not held for all of it.
+    body = await asyncio.to_thread(metrics.render, [metrics.sale_gauges(stats)])
     return Response(body, media_type=metrics.CONTENT_TYPE_LATEST)

@@ -15,6 +15,7 @@ from starlette.responses import Response
 from engine import subscriptions
 from engine.errors import PayloadTooLarge, Unprocessable
 from engine.http.adminauth import admin_action
+from engine.http.adminbodies import has_nul
 from engine.http.bodies import JSONResponse
 from engine.http.context import services
 
@@ -49,6 +50,8 @@ async def _body(request: Request) -> dict[str, Any]:
         raise Unprocessable("invalid-body", "the body is not valid JSON") from None
     if not isinstance(parsed, dict):
         raise Unprocessable("invalid-body", "the body must be a JSON object")
+    if has_nul(parsed):
+        raise Unprocessable("invalid-body", "text may not contain NUL characters")
     return parsed
 
 
