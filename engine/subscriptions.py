@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import ipaddress
 import re
 import secrets
 from collections.abc import Sequence
@@ -75,7 +76,20 @@ def _shown(row: asyncpg.Record) -> dict[str, Any]:
     return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in dict(row).items()}
 
 
-def _url(value: Any) -> str:
+def _internal(host: str) -> bool:
+    """Whether ``host`` names this machine or a private network by itself (an address literal,
+    or localhost). A name that resolves there is not caught: put the workers behind an egress
+    proxy for that."""
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return not address.is_global
+
+
+def _url(value: Any, internal_ok: bool) -> str:
     if not isinstance(value, str) or len(value) > _MAX_URL:
         raise Unprocessable("invalid-subscription", f"url must be a string of at most {_MAX_URL}")
     try:
@@ -85,6 +99,11 @@ def _url(value: Any) -> str:
         host = None
     if host is None or parts.scheme not in ("http", "https"):
         raise Unprocessable("invalid-subscription", "url must be an http or https URL")
+    if not internal_ok and _internal(host):
+        # The workers would POST into the deployment's own network for whoever holds a key.
+        raise Unprocessable(
+            "invalid-subscription", "url must not point at this machine or a private network"
+        )
     return value
 
 
@@ -119,8 +138,11 @@ def _id(subscription_id: str) -> str:
     return subscription_id
 
 
-async def create_subscription(db: asyncpg.Pool, body: dict[str, Any]) -> dict[str, Any]:
-    """A new subscription, with its secret: the only answer that shows it."""
+async def create_subscription(
+    db: asyncpg.Pool, body: dict[str, Any], internal_ok: bool = False
+) -> dict[str, Any]:
+    """A new subscription, with its secret: the only answer that shows it. ``internal_ok``:
+    allow URLs on this machine or a private network (outside production)."""
     _known_fields(body, {"url", "event_types", "description"})
     if "url" not in body or "event_types" not in body:
         raise Unprocessable("invalid-subscription", "url and event_types are required")
@@ -128,7 +150,7 @@ async def create_subscription(db: asyncpg.Pool, body: dict[str, Any]) -> dict[st
         f"INSERT INTO webhook_subscriptions (id, url, event_types, description, secret)"
         f" VALUES ($1, $2, $3, $4, $5) RETURNING {_COLUMNS}, secret",
         "sub_" + secrets.token_hex(12),
-        _url(body["url"]),
+        _url(body["url"], internal_ok),
         _event_types(body["event_types"]),
         _description(body.get("description", "")),
         new_secret(),
@@ -152,7 +174,7 @@ async def get_subscription(db: asyncpg.Pool, subscription_id: str) -> dict[str, 
 
 
 async def update_subscription(
-    db: asyncpg.Pool, subscription_id: str, body: dict[str, Any]
+    db: asyncpg.Pool, subscription_id: str, body: dict[str, Any], internal_ok: bool = False
 ) -> dict[str, Any]:
     """Change url, event_types, description or enabled; enabling again forgets past failures."""
     _known_fields(body, {"url", "event_types", "description", "enabled"})
@@ -170,7 +192,7 @@ async def update_subscription(
         WHERE id = $1 RETURNING {_COLUMNS}
         """,
         _id(subscription_id),
-        _url(body["url"]) if "url" in body else None,
+        _url(body["url"], internal_ok) if "url" in body else None,
         _event_types(body["event_types"]) if "event_types" in body else None,
         _description(body["description"]) if "description" in body else None,
         enabled,

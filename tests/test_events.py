@@ -16,7 +16,8 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from engine import inventory
+from engine import inventory, subscriptions
+from engine.errors import ProblemError
 from engine.events import ORDER_EVENTS, SALE_EVENTS, observe_sale, write_with_events
 from engine.http.app import create_app
 from engine.keys import sale_keys
@@ -332,3 +333,28 @@ async def test_a_rotated_secret_signs_beside_the_new_one_for_its_grace(
     finally:
         await old.stop()
         await new.stop()
+
+
+async def test_in_production_a_url_on_this_machine_or_a_private_network_is_refused(
+    db: asyncpg.Pool,
+):
+    body = {"event_types": ["order.paid"]}
+    for url in (
+        "http://127.0.0.1:8080/hook",
+        "http://localhost/hook",
+        "http://10.1.2.3/hook",
+        "http://169.254.169.254/latest/meta-data",
+        "http://[::1]/hook",
+    ):
+        with pytest.raises(ProblemError) as refused:
+            await subscriptions.create_subscription(db, {**body, "url": url})
+        assert refused.value.code == "invalid-subscription", url
+    created = await subscriptions.create_subscription(
+        db, {**body, "url": "https://hooks.example.com/flashsale"}
+    )
+    assert created["url"] == "https://hooks.example.com/flashsale"
+    # Outside production (development, these tests) a local receiver is allowed.
+    local = await subscriptions.create_subscription(
+        db, {**body, "url": "http://127.0.0.1:9/hook"}, internal_ok=True
+    )
+    assert local["url"] == "http://127.0.0.1:9/hook"
