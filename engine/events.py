@@ -51,6 +51,15 @@ EVENT_TYPES: tuple[str, ...] = (*ORDER_EVENTS.values(), *SALE_EVENTS)
 
 _STATES = ", ".join(f"('{state}', '{kind}')" for state, kind in ORDER_EVENTS.items())
 
+# A delivery per enabled subscription to each event just produced (the CTE ``produced``): an
+# event produced before (a replay) is not in it, so it gets none again.
+_DELIVER_PRODUCED = """
+INSERT INTO outbound_deliveries (subscription_id, event_id)
+SELECT s.id, p.id FROM produced p
+JOIN webhook_subscriptions s ON s.enabled AND p.type = ANY (s.event_types)
+ON CONFLICT DO NOTHING
+"""
+
 # One event per change of the batch whose type someone subscribes to, and a delivery per such
 # subscription. Only newly inserted events (RETURNING) get deliveries, so a replayed batch adds
 # none. The amount is the payment's when the change carries one, else quantity x price.
@@ -80,18 +89,14 @@ produced AS (
     ON CONFLICT (id) DO NOTHING
     RETURNING id, type
 )
-INSERT INTO outbound_deliveries (subscription_id, event_id)
-SELECT s.id, p.id FROM produced p
-JOIN webhook_subscriptions s ON s.enabled AND p.type = ANY (s.event_types)
-ON CONFLICT DO NOTHING
-"""
+{_DELIVER_PRODUCED}"""
 
 _ANYONE = f"""
 SELECT EXISTS (SELECT 1 FROM webhook_subscriptions
                WHERE enabled AND event_types && '{{{",".join(ORDER_EVENTS.values())}}}'::text[])
 """
 
-_PRODUCE_SALE = """
+_PRODUCE_SALE = f"""
 WITH produced AS (
     INSERT INTO outbound_events (id, type, sale_id, occurred_at, data)
     SELECT 'msg_' || $1 || '_' || m.type, m.type, $1, $2, m.data::jsonb
@@ -99,11 +104,7 @@ WITH produced AS (
     ON CONFLICT (id) DO NOTHING
     RETURNING id, type
 )
-INSERT INTO outbound_deliveries (subscription_id, event_id)
-SELECT s.id, p.id FROM produced p
-JOIN webhook_subscriptions s ON s.enabled AND p.type = ANY (s.event_types)
-ON CONFLICT DO NOTHING
-"""
+{_DELIVER_PRODUCED}"""
 
 
 async def write_with_events(pool: asyncpg.Pool, sale_id: str, changes: Sequence[str]) -> None:

@@ -20,6 +20,7 @@ from engine.scripts import SCRIPTS, Code
 __all__ = [
     "IDEMPOTENCY_TTL_S",
     "MAX_BATCH",
+    "ORDER_STATES",
     "Hold",
     "Order",
     "Release",
@@ -40,6 +41,17 @@ __all__ = [
     "sold_out",
     "sold_out_view",
 ]
+
+# Every state an order can be in (the scripts' lua/ headers say which leads to which).
+ORDER_STATES = (
+    "reserved",
+    "paid",
+    "expired",
+    "cancelled",
+    "failed",
+    "refund_pending",
+    "refunded",
+)
 
 # Stripe keeps idempotency keys 24 h; shoppers' retries come within seconds, so this is generous.
 IDEMPOTENCY_TTL_S = 24 * 3600

@@ -17,19 +17,11 @@ from engine.http.adminbodies import page_cursor, page_limit
 from engine.http.bodies import JSONResponse, stored_order_body
 from engine.http.context import order_ids, services
 from engine.ids import is_sale_id, is_user_id
+from engine.inventory import ORDER_STATES
 from engine.scripts import Code
 
 __all__ = ["cancel_order", "search_orders", "show_order"]
 
-ORDER_STATES = (
-    "reserved",
-    "paid",
-    "expired",
-    "cancelled",
-    "failed",
-    "refund_pending",
-    "refunded",
-)
 _ORDER_COLUMNS = (
     "id, sale_id, user_id, quantity, state, version, idempotency_key, payment_intent_id,"
     " created_at, expires_at, updated_at"

@@ -7,6 +7,7 @@ from typing import Any
 
 from engine.errors import CLI_ONLY_CODES, PROBLEM_TYPES
 from engine.http.bodies import MAX_QUANTITY
+from engine.inventory import ORDER_STATES
 from engine.salestats import SaleStats
 
 __all__ = ["component_schemas"]
@@ -72,17 +73,7 @@ def component_schemas() -> dict[str, Any]:
             "properties": {
                 **strings("id", "sale_id"),
                 "quantity": {"type": "integer", "minimum": 1, "maximum": MAX_QUANTITY},
-                "state": {
-                    "enum": [
-                        "reserved",
-                        "paid",
-                        "expired",
-                        "cancelled",
-                        "failed",
-                        "refund_pending",
-                        "refunded",
-                    ]
-                },
+                "state": {"enum": list(ORDER_STATES)},
                 "version": {"type": "integer", "minimum": 1},
                 "created_at": when,
                 "hold_expires_at": when,
