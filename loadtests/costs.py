@@ -11,7 +11,10 @@ alternating rounds on fresh sales:
    new orders per pass (what a 20 ms or a 100 ms wait gathers at 10,000 orders/s), written one
    order per entry or 20 per entry (as a server's batches write them), and reads the CPU per
    order of the worker (this process), Postgres (postmaster and backends) and Redis
-   (``/proc``), during the drain passes only.
+   (``/proc``), during the drain passes only;
+3. the same drain (20 orders an entry, 1,000 a pass) with one subscriber to ``order.placed``:
+   every order then also writes an event and a delivery row in the drain's transaction
+   (``engine.events``).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from engine.db import migrate
 from engine.inventory import reserve_many
 from engine.sales import create_sale
 from engine.scripts import load_scripts
+from engine.subscriptions import create_subscription
 from loadtests.bench import bench_sale
 from loadtests.cpumeter import postmaster_and_backends, processes_s
 from localrun import servers as localservices
@@ -101,9 +105,13 @@ async def _run(base: Path, orders: int, rounds: int) -> None:
     }
     reserve: dict[int, list[float]] = defaultdict(list)
     drain: dict[tuple[int, int], list[dict[str, float]]] = defaultdict(list)
+    with_events: list[dict[str, float]] = []
     try:
         await redis.flushdb()
-        await db.execute("TRUNCATE sales, orders, order_events, payments, webhook_events CASCADE")
+        await db.execute(
+            "TRUNCATE sales, orders, order_events, payments, webhook_events, "
+            "webhook_subscriptions, outbound_events CASCADE"
+        )
         await load_scripts(redis)
         for _ in range(rounds):
             for per_call in RESERVE_BATCHES:
@@ -112,6 +120,10 @@ async def _run(base: Path, orders: int, rounds: int) -> None:
                 for per_pass in DRAIN_PASSES:
                     figures = await _drain_us(db, redis, meters, orders, per_entry, per_pass)
                     drain[per_entry, per_pass].append(figures)
+            body = {"url": "https://hooks.example.com/costs", "event_types": ["order.placed"]}
+            subscription = await create_subscription(db, body)
+            with_events.append(await _drain_us(db, redis, meters, orders, 20, 1000))
+            await db.execute("DELETE FROM webhook_subscriptions WHERE id = $1", subscription["id"])
     finally:
         await redis.aclose()
         await db.close()
@@ -129,6 +141,12 @@ async def _run(base: Path, orders: int, rounds: int) -> None:
             f"  {per_entry:>12}  {per_pass:>12}  {med['worker']:6.1f} µs"
             f"  {med['postgres']:5.1f} µs  {med['redis']:5.1f} µs"
         )
+    med = {name: statistics.median(run[name] for run in with_events) for name in meters}
+    print("\ndrain of 20 orders an entry, 1,000 a pass, one subscriber to order.placed")
+    print(
+        f"  with events                 {med['worker']:6.1f} µs"
+        f"  {med['postgres']:5.1f} µs  {med['redis']:5.1f} µs"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -154,13 +154,16 @@ def test_costs_program_prints_every_figure():
     lines = result.stdout.splitlines()
     assert sum("orders per call" in line and "µs" in line for line in lines) == 3
     header = next(i for i, line in enumerate(lines) if "orders/entry" in line)
-    drain_rows = [line.split() for line in lines[header + 1 :] if line.strip()]
+    end = lines.index("", header)
+    drain_rows = [line.split() for line in lines[header + 1 : end]]
     assert [(row[0], row[1]) for row in drain_rows] == [
         ("1", "200"),
         ("1", "1000"),
         ("20", "200"),
         ("20", "1000"),
     ]
+    assert "one subscriber to order.placed" in lines[end + 1]
+    assert lines[end + 2].split()[:2] == ["with", "events"] and "µs" in lines[end + 2]
     bad = subprocess.run(
         [sys.executable, "-m", "loadtests.costs", "--orders", "0"], capture_output=True, text=True
     )
