@@ -31,6 +31,7 @@ Each difference has a kind, the order, what was seen, and what ``--repair`` does
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,7 @@ from engine.db import redis_ms
 from engine.invariants import outbox_backlog, redis_orders
 from engine.keys import sale_keys
 from engine.ledger import pack_change, write_changes
+from engine.metrics import RECONCILE_DIFFERENCES
 from engine.payments import GatewayRefused, Intent, PaymentGateway, events_since, intent_of
 from engine.webhooks import HANDLED, receive
 
@@ -54,6 +56,8 @@ __all__ = [
     "ReconcileReport",
     "reconcile",
 ]
+
+log = logging.getLogger("flashsale.reconcile")
 
 UNPAID_STATES = ("reserved", "expired", "cancelled", "failed")
 # An intent in one of these never changes again.
@@ -87,6 +91,13 @@ class ReconcileReport:
 
     def found(self, kind: str, order_id: str, detail: str) -> None:
         self.differences.append(Difference(kind, order_id, detail))
+
+    def reported(self) -> None:
+        """Log each difference and count it in the metrics, whoever ran the comparison: a run
+        since the cursor moves the cursor on, so the next run will not find them again."""
+        for difference in self.differences:
+            log.warning("reconcile %s: %s", self.sale_id, difference)
+            RECONCILE_DIFFERENCES.labels(difference.kind).inc()
 
 
 def _change(order: dict[str, str]) -> str:

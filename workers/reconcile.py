@@ -10,9 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.metrics import RECONCILE_DIFFERENCES
 from engine.reconcile import reconcile
-from workers.context import each_sale, log
+from workers.context import each_sale
 
 __all__ = ["reconcile_sales"]
 
@@ -23,9 +22,7 @@ async def reconcile_sales(ctx: dict[str, Any]) -> int:
 
     async def one(sale_id: str) -> int:
         report = await reconcile(ctx["store"], ctx["db"], ctx["gateway"], sale_id, full=False)
-        for difference in report.differences:
-            log.warning("reconcile %s: %s", sale_id, difference)
-            RECONCILE_DIFFERENCES.labels(difference.kind).inc()
+        report.reported()
         return len(report.differences)
 
     return await each_sale(ctx, "reconcile", one)
