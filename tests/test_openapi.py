@@ -291,6 +291,9 @@ async def admin_routes(
     ):
         await send("PATCH", one, "/v1/admin/sales/s-admin", 422, json=bad, headers=admin)
     await send("POST", sales, sales, 422, json={**new_sale, "stock": 2**31}, headers=admin)
+    await send("POST", sales, sales, 422, json={**new_sale, "currency": 5}, headers=admin)
+    null_currency = {**new_sale, "id": "s-null-currency", "currency": None}
+    await send("POST", sales, sales, 201, json=null_currency, headers=admin)  # the default
     await send("GET", sales, sales + "?cursor=%00", 422, headers=admin)
     bad_window = {"ends_at": iso(now - 7200)}
     await send("PATCH", one, "/v1/admin/sales/s-admin", 422, json=bad_window, headers=admin)

@@ -65,7 +65,7 @@ def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
 async def _create_sale(request: Request, actor: str) -> Response:
     body = await json_object(request, _CREATE_FIELDS)
     request.state.audit_target = body.get("id")
-    name, currency, status = body.get("name"), body.get("currency", "usd"), body.get("status")
+    name, currency, status = body.get("name"), body.get("currency"), body.get("status")
     if not isinstance(body.get("id"), str):
         raise Unprocessable("invalid-body", "id must be a string")
     for text in (name, currency, status):
@@ -77,7 +77,7 @@ async def _create_sale(request: Request, actor: str) -> Response:
         name=name or body["id"],
         stock=positive_int(body, "stock", minimum=0),
         price=positive_int(body, "price", minimum=0),
-        currency=currency,
+        currency="usd" if currency is None else currency,
         per_user_limit=limit,
         per_order_max=positive_int(body, "per_order_max") if "per_order_max" in body else limit,
         hold_seconds=(
