@@ -153,6 +153,8 @@ def render(extra: Iterable[Collector] = ()) -> bytes:
     registry = CollectorRegistry()
     folder = multiprocess_dir()
     if folder is not None:
+        # A temp cleaner may have removed it: a scrape shows what is left rather than failing.
+        folder.mkdir(parents=True, exist_ok=True)
         MultiProcessCollector(registry, str(folder))  # type: ignore[no-untyped-call]
     else:
         registry = REGISTRY  # this process's own metrics
