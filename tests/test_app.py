@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import replace
 from http import HTTPStatus
 
@@ -295,3 +296,21 @@ async def test_unreachable_store_is_a_503_problem_not_a_500(
             response = await place(c, settings, sale)
     body = assert_problem(response, 503, "not-ready")
     assert "unreachable" in str(body["detail"])
+
+
+async def test_a_huge_body_without_a_length_is_refused_without_reading_it_all(
+    client: httpx.AsyncClient,
+):
+    """Chunked (no Content-Length): the webhook and admin routes stop reading at their limit
+    instead of taking the whole body into memory."""
+    sent = 0
+
+    async def endless() -> AsyncIterator[bytes]:
+        nonlocal sent
+        while sent < 64 * 1024 * 1024:  # far more than any limit here
+            sent += 64 * 1024
+            yield b" " * (64 * 1024)
+
+    answer = await client.post("/v1/webhooks/stripe", content=endless())
+    assert answer.status_code == 413 and answer.json()["code"] == "body-too-large"
+    assert sent < 1024 * 1024  # stopped at the 256 KiB limit, give or take a chunk or two

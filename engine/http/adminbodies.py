@@ -12,7 +12,8 @@ from typing import Any
 import orjson
 from starlette.requests import Request
 
-from engine.errors import PayloadTooLarge, Unprocessable
+from engine.errors import Unprocessable
+from engine.http.bodies import read_body
 from engine.http.context import services
 
 __all__ = [
@@ -34,12 +35,7 @@ DEFAULT_PAGE = 50
 
 async def json_object(request: Request, allowed: set[str]) -> dict[str, Any]:
     """The body as a JSON object whose fields are all in ``allowed``."""
-    limit = services(request).settings.max_body_bytes
-    body = b""
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge("body-too-large", f"the body is over {limit} bytes")
+    body = await read_body(request, services(request).settings.max_body_bytes)
     try:
         parsed = orjson.loads(body or b"{}")
     except orjson.JSONDecodeError:

@@ -6,9 +6,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
+from starlette.requests import Request
 from starlette.responses import Response
 
-from engine.errors import Unprocessable
+from engine.errors import PayloadTooLarge, Unprocessable
 
 __all__ = [
     "MAX_QUANTITY",
@@ -16,6 +17,7 @@ __all__ = [
     "iso_ms",
     "order_body",
     "quantity_of",
+    "read_body",
     "stored_order_body",
 ]
 
@@ -25,6 +27,21 @@ class JSONResponse(Response):
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, or 413 ``body-too-large`` as soon as it is over ``limit`` bytes:
+    a declared length over it is refused before anything is read, and a body sent without
+    one is read only up to it (a 1 GB body never reaches memory)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge("body-too-large", f"the body may be at most {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise PayloadTooLarge("body-too-large", f"the body may be at most {limit} bytes")
+    return bytes(body)
 
 
 # A shopper cannot sensibly want more in one order; anything above is a typo or an attack, and

@@ -13,10 +13,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from engine import subscriptions
-from engine.errors import PayloadTooLarge, Unprocessable
+from engine.errors import Unprocessable
 from engine.http.adminauth import admin_action
 from engine.http.adminbodies import has_nul
-from engine.http.bodies import JSONResponse
+from engine.http.bodies import JSONResponse, read_body
 from engine.http.context import services
 
 __all__ = [
@@ -37,13 +37,7 @@ MAX_DELIVERIES_PAGE = 200
 
 
 async def _body(request: Request) -> dict[str, Any]:
-    raw = b""
-    async for chunk in request.stream():
-        raw += chunk
-        if len(raw) > MAX_SUBSCRIPTION_BYTES:
-            raise PayloadTooLarge(
-                "body-too-large", f"the body is over {MAX_SUBSCRIPTION_BYTES} bytes"
-            )
+    raw = await read_body(request, MAX_SUBSCRIPTION_BYTES)
     try:
         parsed = orjson.loads(raw)
     except orjson.JSONDecodeError:

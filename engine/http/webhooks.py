@@ -6,8 +6,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from engine import webhooks
-from engine.errors import PayloadTooLarge
-from engine.http.bodies import JSONResponse
+from engine.http.bodies import JSONResponse, read_body
 from engine.http.context import services
 
 __all__ = ["MAX_WEBHOOK_BYTES", "stripe_webhook"]
@@ -18,9 +17,7 @@ MAX_WEBHOOK_BYTES = 256 * 1024
 
 async def stripe_webhook(request: Request) -> Response:
     found = services(request)
-    body = await request.body()
-    if len(body) > MAX_WEBHOOK_BYTES:
-        raise PayloadTooLarge("body-too-large", "a webhook body may be at most 256 KiB")
+    body = await read_body(request, MAX_WEBHOOK_BYTES)
     event = webhooks.verify(
         body,
         request.headers.get("stripe-signature"),
