@@ -14,6 +14,7 @@ the deployment's gateway with every call passing one shared rate limit
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -133,6 +134,8 @@ def intent_of(obj: Any) -> Intent:
         order_id=metadata.get("order_id", ""),
     )
 
+
+log = logging.getLogger("flashsale.payments")
 
 # Stripe's answers worth a retry later: no answer, 429, 5xx.
 _RETRYABLE = (stripe.APIConnectionError, stripe.RateLimitError, stripe.APIError)
@@ -284,6 +287,11 @@ def make_gateway(
     if settings.stripe_api_key:
         inner = StripeGateway(settings.stripe_api_key, settings.stripe_api_base)
     else:
+        if settings.environment == "production":
+            log.warning(
+                "FLASHSALE_STRIPE_API_KEY is not set: payments go to the offline mock gateway "
+                "and no money moves"
+            )
         inner = MockGateway(redis)
     limiter = GatewayLimiter(redis, settings.gateway_rate_per_s)
     return RateLimitedGateway(inner, limiter, PAY_MAX_WAIT_S if max_wait_s is None else max_wait_s)

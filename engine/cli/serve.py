@@ -41,6 +41,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["FLASHSALE_LOG_FORMAT"] = args.log_format
     settings = Settings.from_env()
     _share_metrics(settings)
+    # Outside production a missing JWT key or webhook secret is made up by each process: the
+    # server processes of this one serve must all use this process's, or each would refuse
+    # the others' tokens.
+    for name, value in (
+        ("FLASHSALE_JWT_SECRET", settings.jwt_secret),
+        ("FLASHSALE_WEBHOOK_SECRET", settings.webhook_secret),
+    ):
+        if value is not None and not os.environ.get(name):
+            os.environ[name] = value
 
     import uvicorn
 
