@@ -19,7 +19,15 @@ from engine.cli import main
 from loadtests.bench import BenchOptions
 from tests.conftest import ROOT
 
-PHASES = ("ceiling", "engine", "engine_unmetered", "engine_fsync", "sold_out", "baseline")
+PHASES = (
+    "ceiling",
+    "engine",
+    "engine_metered",
+    "engine_unmetered",
+    "engine_fsync",
+    "sold_out",
+    "baseline",
+)
 RATIOS = (
     "engine_to_ceiling",
     "soldout_to_ceiling",
@@ -107,6 +115,7 @@ def test_bench_smoke_writes_a_complete_report(tmp_path: Path):
         assert phase["slices"] and phase["socket_errors"] == 0, name
     # While stock lasts every answer is a 201; after sell-out every answer is a refusal.
     assert report["phases"]["engine"]["non_2xx"] == 0
+    assert report["phases"]["engine_metered"]["non_2xx"] == 0
     assert report["phases"]["engine_unmetered"]["non_2xx"] == 0
     assert report["phases"]["sold_out"]["non_2xx"] == report["phases"]["sold_out"]["requests"]
     # CPU by process: each phase's own server and the load generator worked; the engine's
@@ -115,6 +124,7 @@ def test_bench_smoke_writes_a_complete_report(tmp_path: Path):
     server = {
         "ceiling": "ceiling",
         "engine": "engine",
+        "engine_metered": "engine_metered",
         "engine_unmetered": "engine_unmetered",
         "engine_fsync": "engine",
         "sold_out": "engine",
