@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from engine.errors import Conflict, NotFound, ProblemError, SaleClosed, Unprocessable
 from engine.ids import new_order_ids
-from engine.keys import OUTBOX_GROUP, sale_keys
+from engine.keys import LIVE_SALES, OUTBOX_GROUP, sale_keys
 from engine.scripts import SCRIPTS, Code
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "SoldOutView",
     "attach_payment",
     "confirm",
+    "keep_live",
     "load_sale",
     "read_order",
     "read_sale",
@@ -317,7 +318,15 @@ async def confirm(
     code = Code(reply[0])
     if code is Code.ORDER_NOT_FOUND:
         raise NotFound("order-not-found", f"there is no order {order_id!r}")
+    await keep_live(redis, sale_id)
     return Release(code=code, state=reply[1], version=int(reply[2]))
+
+
+async def keep_live(redis: Redis, sale_id: str) -> None:
+    """Put the sale back on the live set the workers walk, after a change that can give a
+    retired sale work (``engine.sales.retire_sale``): a late payment, a refund, a restock
+    write its outbox and may owe a refund. Called after the change's script, always."""
+    await redis.sadd(LIVE_SALES, sale_id)
 
 
 async def refund(
@@ -339,6 +348,7 @@ async def refund(
         raise NotFound("order-not-found", f"there is no order {order_id!r}")
     if code is Code.INVALID_STATE:
         raise Conflict("order-not-refundable", f"the order is {reply[1]}", state=reply[1])
+    await keep_live(redis, sale_id)
     return Release(code=code, state=reply[1], version=int(reply[2]))
 
 

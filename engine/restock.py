@@ -15,6 +15,7 @@ import asyncpg
 from redis.asyncio import Redis
 
 from engine.errors import Conflict, NotFound, Unprocessable
+from engine.inventory import keep_live
 from engine.keys import sale_keys
 from engine.scripts import SCRIPTS, Code
 
@@ -55,6 +56,7 @@ async def restock(redis: Redis, sale_id: str, units: int, actor: str) -> Restock
         raise Conflict("invalid-status", f"a {reply[1]} sale cannot be restocked")
     if code is Code.INVALID_QUANTITY:
         raise Unprocessable("invalid-body", "units must be a positive integer")
+    await keep_live(redis, sale_id)
     return Restocked(available=int(reply[1]), initial_stock=int(reply[2]))
 
 

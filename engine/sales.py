@@ -18,8 +18,18 @@ from engine.ids import is_sale_id
 from engine.inventory import SaleDefinition, load_sale, read_sale, set_status
 from engine.keys import LIVE_SALES, OUTBOX_GROUP, sale_keys
 from engine.ledger import count_orders
+from engine.scripts import SCRIPTS, Code
 
-__all__ = ["change_status", "create_sale", "live_sale_ids", "sale_report", "validate"]
+__all__ = [
+    "change_status",
+    "create_sale",
+    "live_sale_ids",
+    "retire_sale",
+    "sale_report",
+    "validate",
+]
+
+_retire = SCRIPTS["retire_sale"]
 
 
 def validate(sale: SaleDefinition) -> None:
@@ -104,6 +114,28 @@ async def change_status(db: asyncpg.Pool, redis: Redis, sale_id: str, status: st
         "UPDATE sales SET status = $2, updated_at = now() WHERE id = $1", sale_id, status
     )
     return previous
+
+
+async def retire_sale(redis: Redis, sale_id: str, grace_s: int) -> bool:
+    """Take the sale off the live set if it ended more than ``grace_s`` ago and has nothing
+    left to do (no hold, refund or intent cancel owed, no unwritten change): the workers walk
+    every live sale every tick, so finished ones would make every tick slower for good.
+    Whatever gives it work again puts it back (``inventory.keep_live``)."""
+    keys = sale_keys(sale_id)
+    reply = await _retire(
+        redis,
+        [
+            keys.sale,
+            keys.holds,
+            keys.intent_holds,
+            keys.refunds,
+            keys.voids,
+            keys.outbox,
+            LIVE_SALES,
+        ],
+        [sale_id, grace_s * 1000],
+    )
+    return Code(reply[0]) is Code.OK
 
 
 async def live_sale_ids(redis: Redis) -> list[str]:

@@ -33,6 +33,7 @@ This is the only module that reads ``os.environ``. Everything else receives a ``
 | FLASHSALE_METRICS              | ``on``: count requests for ``GET /metrics``; or ``off`` |
 | FLASHSALE_METRICS_DIR          | ``<temp dir>/flashsale-metrics``: one per machine |
 | FLASHSALE_STOCK_LOW_UNITS      | ``10``: ``stock.low`` when a sale's available units fall to it |
+| FLASHSALE_RETIRE_AFTER_S       | ``259200`` (3 days): a finished sale leaves the workers' walk |
 | FLASHSALE_DELIVERY_RETRY_S     | ``0,5,300,1800,7200,18000,36000,36000``: waits, per attempt |
 | FLASHSALE_DELIVERY_TIMEOUT_S   | ``10``: one delivery's whole HTTP exchange |
 | FLASHSALE_DELIVERY_CONCURRENCY | ``32``: deliveries in flight per worker process |
@@ -145,6 +146,9 @@ class Settings:
     )
     # Events to subscribers (engine.events, workers.deliveries).
     stock_low_units: int = 10
+    # A sale over this long with nothing left to do leaves the live set every job walks each
+    # tick (engine.sales.retire_sale): Stripe retries a webhook for three days.
+    retire_after_s: int = 3 * 86_400
     # The wait before each attempt of a delivery: the Standard Webhooks schedule, its length the
     # number of attempts. Tests shorten it.
     delivery_retry_s: tuple[int, ...] = (0, 5, 300, 1800, 7200, 18000, 36000, 36000)
@@ -219,6 +223,7 @@ class Settings:
             metrics_dir=env.get("FLASHSALE_METRICS_DIR")
             or os.path.join(tempfile.gettempdir(), "flashsale-metrics"),
             stock_low_units=_int(env, "FLASHSALE_STOCK_LOW_UNITS", cls.stock_low_units, 0),
+            retire_after_s=_int(env, "FLASHSALE_RETIRE_AFTER_S", cls.retire_after_s, 0),
             delivery_retry_s=_seconds_list(env, "FLASHSALE_DELIVERY_RETRY_S", cls.delivery_retry_s),
             delivery_timeout_s=_int(env, "FLASHSALE_DELIVERY_TIMEOUT_S", cls.delivery_timeout_s, 1),
             delivery_concurrency=_int(
@@ -284,6 +289,7 @@ class Settings:
             "FLASHSALE_METRICS": "on" if self.metrics else "off",
             "FLASHSALE_METRICS_DIR": self.metrics_dir,
             "FLASHSALE_STOCK_LOW_UNITS": str(self.stock_low_units),
+            "FLASHSALE_RETIRE_AFTER_S": str(self.retire_after_s),
             "FLASHSALE_DELIVERY_RETRY_S": ",".join(map(str, self.delivery_retry_s)),
             "FLASHSALE_DELIVERY_TIMEOUT_S": str(self.delivery_timeout_s),
             "FLASHSALE_DELIVERY_CONCURRENCY": str(self.delivery_concurrency),

@@ -344,4 +344,5 @@ def test_the_cron_table_runs_each_job_from_its_family_module():
         "webhook_retries": "workers.webhooks",
         "reconcile_sales": "workers.reconcile",
         "deliver_events": "workers.deliveries",
+        "retire_sales": "workers.retire",
     }

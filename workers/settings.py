@@ -1,6 +1,6 @@
 """arq ``WorkerSettings``: run with ``flashsale worker``, which points arq at FLASHSALE_REDIS_URL.
 
-The cron table of the six jobs, each defined beside the logic it runs:
+The cron table of the seven jobs, each defined beside the logic it runs:
 
 | job             | module                | runs                          |
 | --------------- | --------------------- | ----------------------------- |
@@ -10,6 +10,7 @@ The cron table of the six jobs, each defined beside the logic it runs:
 | webhook_retries | ``workers.webhooks``  | every ten seconds             |
 | reconcile_sales | ``workers.reconcile`` | every minute, at second 15    |
 | deliver_events  | ``workers.deliveries``| every second, at .25 s        |
+| retire_sales    | ``workers.retire``    | every minute, at second 45    |
 
 Every cron job is unique per tick (arq's default), so with several worker processes each tick
 runs once. The per-second jobs start at different fractions of the second and also run once at
@@ -33,6 +34,7 @@ from workers.holds import expire_holds
 from workers.outbox import drain_outboxes
 from workers.payments import refunds
 from workers.reconcile import reconcile_sales
+from workers.retire import retire_sales
 from workers.webhooks import webhook_retries
 
 __all__ = ["PERIODS_S", "WorkerSettings"]
@@ -45,6 +47,7 @@ PERIODS_S: dict[str, float] = {
     "webhook_retries": 10,
     "reconcile_sales": 60,
     "deliver_events": 1,
+    "retire_sales": 60,
 }
 
 
@@ -62,6 +65,7 @@ class WorkerSettings:
         cron(recorded(refunds), second=None, microsecond=750_000, run_at_startup=True, timeout=30),
         cron(recorded(webhook_retries), second={0, 10, 20, 30, 40, 50}, timeout=30),
         cron(recorded(reconcile_sales), second=15, timeout=120),
+        cron(recorded(retire_sales), second=45, timeout=30),
         # Returns once it has started the due deliveries: they run in the process's Dispatcher.
         cron(
             recorded(deliver_events),
