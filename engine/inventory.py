@@ -44,15 +44,7 @@ __all__ = [
 ]
 
 # Every state an order can be in (the scripts' lua/ headers say which leads to which).
-ORDER_STATES = (
-    "reserved",
-    "paid",
-    "expired",
-    "cancelled",
-    "failed",
-    "refund_pending",
-    "refunded",
-)
+ORDER_STATES = ("reserved", "paid", "expired", "cancelled", "failed", "refund_pending", "refunded")
 
 # Stripe keeps idempotency keys 24 h; shoppers' retries come within seconds, so this is generous.
 IDEMPOTENCY_TTL_S = 24 * 3600
@@ -318,7 +310,8 @@ async def confirm(
     code = Code(reply[0])
     if code is Code.ORDER_NOT_FOUND:
         raise NotFound("order-not-found", f"there is no order {order_id!r}")
-    await keep_live(redis, sale_id)
+    if code in (Code.OK, Code.RE_RESERVED, Code.REFUND_PENDING):  # it wrote
+        await keep_live(redis, sale_id)
     return Release(code=code, state=reply[1], version=int(reply[2]))
 
 
@@ -348,7 +341,8 @@ async def refund(
         raise NotFound("order-not-found", f"there is no order {order_id!r}")
     if code is Code.INVALID_STATE:
         raise Conflict("order-not-refundable", f"the order is {reply[1]}", state=reply[1])
-    await keep_live(redis, sale_id)
+    if code is Code.OK:  # it wrote
+        await keep_live(redis, sale_id)
     return Release(code=code, state=reply[1], version=int(reply[2]))
 
 
