@@ -40,6 +40,7 @@ _SALE_FIELDS = (
     "withdrawn",
     "price",
     "currency",
+    "payments_failed",
 )
 
 
@@ -64,6 +65,7 @@ class SaleStats:
     outbox_length: int  # changes the ledger has not committed
     outbox_pending: int  # of those, delivered to a worker and not yet acknowledged
     ledger_lag_ms: int  # age of the oldest uncommitted change; 0 when the outbox is empty
+    payments_failed: int  # holds ended because the gateway failed their payment
     refunds_owed: int  # paid orders to be refunded at the gateway
     cancels_owed: int  # cancelled orders whose PaymentIntent still has to be cancelled
     now_ms: int  # Redis's clock when this was read
@@ -146,6 +148,7 @@ async def sale_stats(redis: Redis, sale_id: str, now_ms: int | None = None) -> S
         outbox_length=outbox_length,
         outbox_pending=pending,
         ledger_lag_ms=lag_ms,
+        payments_failed=_int(sale["payments_failed"]),
         refunds_owed=refunds,
         cancels_owed=voids,
         now_ms=now_ms,

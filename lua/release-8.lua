@@ -2,7 +2,7 @@
   release: end a live hold (cancel, expire or fail) and give back its stock and the shopper's
   count exactly once, whatever number of times and in whatever order the callers arrive.
 
-  KEYS[1] sale hash   KEYS[2] stock   KEYS[3] users   KEYS[4] holds   KEYS[5] outbox
+  KEYS[1] sale hash (counters held and payments_failed)   KEYS[2] stock   KEYS[3] users   KEYS[4] holds   KEYS[5] outbox
   KEYS[6] order hash  KEYS[7] voids (zset: cancelled orders whose PaymentIntent a worker must
                                cancel at the gateway, so the shopper cannot still pay it; by
                                when the cancel is due)
@@ -48,6 +48,10 @@ rcall('INCRBY', KEYS[2], qty)
 rcall('HINCRBY', KEYS[3], user, -qty)
 rcall('HINCRBY', KEYS[1], 'held', -qty)
 rcall('HSET', KEYS[6], 'state', target, 'version', version, 'updated_ms', now)
+-- Payments the gateway failed, counted for the dashboard (the ledger has them by state too).
+if target == 'failed' then
+  rcall('HINCRBY', KEYS[1], 'payments_failed', 1)
+end
 -- A live hold is in exactly one of the two indexes; removing from both needs no lookup.
 rcall('ZREM', KEYS[4], ARGV[1])
 rcall('ZREM', KEYS[8], ARGV[1])

@@ -116,11 +116,11 @@ class Shop:
         assert answer.status_code == 201, answer.text
         self.orders.append((answer.json()["id"], token))
 
-    async def pay(self, order_id: str, token: str) -> None:
+    async def pay(self, order_id: str, token: str, succeeds: bool = True) -> None:
         auth = {"Authorization": f"Bearer {token}"}
         payment = await self.http.post(f"/v1/orders/{order_id}/pay", headers=auth)
         assert payment.status_code == 200, payment.text
-        event = await self.gateway.settle(payment.json()["payment_intent_id"], True)
+        event = await self.gateway.settle(payment.json()["payment_intent_id"], succeeds)
         body, signature = signed_event(event, SECRET)
         hook = await self.http.post(
             "/v1/webhooks/stripe", content=body, headers={"Stripe-Signature": signature}
@@ -164,6 +164,7 @@ async def test_the_page_follows_a_sale_as_it_sells_out(
         sold = await figure(page, sale, "sold")
         await expect(available).to_have_text("10", timeout=SEEN_WITHIN_MS)
         await expect(held).to_have_text("0")
+        await expect(await figure(page, sale, "failed")).to_have_text("0")
         # The token is kept for the tab, not in the page's address or local storage.
         stored = await page.evaluate("sessionStorage.getItem('flashsale.admin-token')")
         assert stored == ADMIN
@@ -199,6 +200,12 @@ async def test_the_page_follows_a_sale_as_it_sells_out(
         )
         if shot := os.environ.get("FLASHSALE_DASHBOARD_SCREENSHOT"):
             await page.screenshot(path=str(ROOT / shot), full_page=True)
+
+        # A card is declined: the hold ends, its units come back, the failure is counted.
+        await shop.pay(*shop.orders[1], succeeds=False)
+        await expect(await figure(page, sale, "failed")).to_have_text("1", timeout=SEEN_WITHIN_MS)
+        await expect(held).to_have_text("6")
+        await expect(available).to_have_text("2")
 
         # Forgetting the token stops the polling and clears the figures.
         await page.click("#forget")

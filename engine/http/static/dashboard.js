@@ -217,6 +217,7 @@ function drawSale(sale, nowMs) {
   put("outbox", `${sale.outbox_length} (${sale.outbox_pending})`);
   put("lag", seconds(sale.ledger_lag_ms / 1000));
   put("holds-due", String(sale.holds_due));
+  put("failed", String(sale.payments_failed));
   put("refunds", String(sale.refunds_owed));
   put("cancels", String(sale.cancels_owed));
   const whole = Math.max(sale.initial, sale.available + sale.taken, 1);
