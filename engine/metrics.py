@@ -185,6 +185,11 @@ def sale_gauges(stats: Iterable[SaleStats]) -> Collector:
             "Changes in the sale's outbox the ledger has not committed.",
             labels=["sale"],
         ),
+        "payments_failed": GaugeMetricFamily(
+            "flashsale_sale_payments_failed",
+            "Holds ended because the gateway failed their payment.",
+            labels=["sale"],
+        ),
         "refunds_owed": GaugeMetricFamily(
             "flashsale_sale_refunds_owed", "Refunds still to make at the gateway.", labels=["sale"]
         ),
