@@ -80,14 +80,17 @@ async def end_hold_with_intent(
     order_id: str,
     intent_id: str,
     state: str,
+    payment_failed: bool = False,
 ) -> str:
     """End a hold that has a PaymentIntent as ``state`` (``expired``, or ``failed`` on a
-    failure event), but ask the gateway to cancel the intent first and let its answer decide:
+    failure event; ``payment_failed`` when the event says the payment failed, for the count),
+    but ask the gateway to cancel the intent first and let its answer decide:
     money that already moved makes the order paid (``confirm``), a payment still processing
     keeps the hold ('reserved': the bank's own event decides), and an intent the gateway does
     not know (keys switched, test data gone) cannot bring money, so the hold ends. Returns the
     order's resulting state. ``GatewayUnavailable`` passes through: the hold stays until the
     gateway answers."""
+    failed = payment_failed and state == "failed"
     try:
         intent = await gateway.cancel_intent(intent_id)
     except GatewayRefused as exc:
@@ -98,9 +101,9 @@ async def end_hold_with_intent(
             intent_id,
             exc,
         )
-        return (await inventory.release(redis, sale_id, order_id, state)).state
+        return (await inventory.release(redis, sale_id, order_id, state, None, failed)).state
     if intent.status == "succeeded":
         return (await inventory.confirm(redis, sale_id, order_id, intent_id)).state
     if intent.status == "processing":
         return "reserved"
-    return (await inventory.release(redis, sale_id, order_id, state)).state
+    return (await inventory.release(redis, sale_id, order_id, state, None, failed)).state

@@ -278,15 +278,21 @@ async def reserve(
 
 
 async def release(
-    redis: Redis, sale_id: str, order_id: str, state: str, owner: str | None = None
+    redis: Redis,
+    sale_id: str,
+    order_id: str,
+    state: str,
+    owner: str | None = None,
+    payment_failed: bool = False,
 ) -> Release:
     """End a live hold as ``state`` (cancelled, expired, failed). Safe to call any number of
-    times: stock and the shopper's count come back only on the first that finds it reserved."""
+    times: stock and the shopper's count come back only on the first that finds it reserved.
+    ``payment_failed``: the gateway failed its payment (counted once, for the dashboard)."""
     keys = sale_keys(sale_id)
     reply = await _release(
         redis,
         _order_keys(sale_id, order_id, keys.voids, keys.intent_holds),
-        [order_id, state, owner or ""],
+        [order_id, state, owner or "", "1" if payment_failed else ""],
     )
     code = Code(reply[0])
     if code is Code.ORDER_NOT_FOUND:
@@ -310,15 +316,16 @@ async def confirm(
     code = Code(reply[0])
     if code is Code.ORDER_NOT_FOUND:
         raise NotFound("order-not-found", f"there is no order {order_id!r}")
-    if code in (Code.OK, Code.RE_RESERVED, Code.REFUND_PENDING):  # it wrote
-        await keep_live(redis, sale_id)
+    await keep_live(redis, sale_id)
     return Release(code=code, state=reply[1], version=int(reply[2]))
 
 
 async def keep_live(redis: Redis, sale_id: str) -> None:
     """Put the sale back on the live set the workers walk, after a change that can give a
     retired sale work (``engine.sales.retire_sale``): a late payment, a refund, a restock
-    write its outbox and may owe a refund. Called after the change's script, always."""
+    write its outbox and may owe a refund. Called after the change's script whatever it
+    answered: a retry that finds the change already made (its first try's SADD lost with the
+    connection) must still put the sale back. A quiet sale is retired again a minute later."""
     await redis.sadd(LIVE_SALES, sale_id)
 
 
@@ -341,8 +348,7 @@ async def refund(
         raise NotFound("order-not-found", f"there is no order {order_id!r}")
     if code is Code.INVALID_STATE:
         raise Conflict("order-not-refundable", f"the order is {reply[1]}", state=reply[1])
-    if code is Code.OK:  # it wrote
-        await keep_live(redis, sale_id)
+    await keep_live(redis, sale_id)
     return Release(code=code, state=reply[1], version=int(reply[2]))
 
 

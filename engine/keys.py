@@ -22,8 +22,9 @@ __all__ = [
     "sale_keys",
 ]
 
-# Set of sale ids the workers drain and expire. Deliberately outside any sale's slot: only the
-# CLI and workers touch it, never a script.
+# Set of sale ids the workers drain and expire. Outside every sale's slot; one script touches
+# it, retire_sale, with the sale's own keys: that needs a standalone Redis (in a Cluster it
+# would answer CROSSSLOT, and sales would simply never be retired).
 LIVE_SALES = "fs:live-sales"
 # Hash: worker job name -> unix ms of its last completed run (``flashsale worker --check``).
 WORKER_HEARTBEATS = "fs:worker-heartbeats"

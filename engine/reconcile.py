@@ -274,7 +274,9 @@ async def _since_cursor(
     keys = sale_keys(sale_id)
     started = int(time.time())
     cursor = await redis.get(keys.reconciled)
-    since = int(cursor) - CURSOR_OVERLAP_S if cursor else started - LOOK_BACK_S
+    # Never further back than the gateway's retry window: a sale retired for weeks and put
+    # back (a late refund) must not page through weeks of the account's events in one job.
+    since = max(int(cursor) - CURSOR_OVERLAP_S if cursor else 0, started - LOOK_BACK_S)
 
     touched: set[str] = set()
     intents: dict[str, tuple[int, Intent]] = {}  # order id -> its intent as events leave it

@@ -223,7 +223,8 @@ class Settings:
             metrics_dir=env.get("FLASHSALE_METRICS_DIR")
             or os.path.join(tempfile.gettempdir(), "flashsale-metrics"),
             stock_low_units=_int(env, "FLASHSALE_STOCK_LOW_UNITS", cls.stock_low_units, 0),
-            retire_after_s=_int(env, "FLASHSALE_RETIRE_AFTER_S", cls.retire_after_s, 0),
+            # At least 5 minutes: the event job must see a sale over before it is retired.
+            retire_after_s=_int(env, "FLASHSALE_RETIRE_AFTER_S", cls.retire_after_s, 300),
             delivery_retry_s=_seconds_list(env, "FLASHSALE_DELIVERY_RETRY_S", cls.delivery_retry_s),
             delivery_timeout_s=_int(env, "FLASHSALE_DELIVERY_TIMEOUT_S", cls.delivery_timeout_s, 1),
             delivery_concurrency=_int(

@@ -19,6 +19,7 @@ import hmac
 import ipaddress
 import re
 import secrets
+import socket
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -80,12 +81,17 @@ def _internal(host: str) -> bool:
     """Whether ``host`` names this machine or a private network by itself (an address literal,
     or localhost). A name that resolves there is not caught: put the workers behind an egress
     proxy for that."""
+    host = host.rstrip(".")
     if host == "localhost" or host.endswith(".localhost"):
         return True
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        return False
+        try:
+            # The forms the resolver also reads as an IPv4 address: 2130706433, 127.1, 0x7f.1
+            address = ipaddress.ip_address(socket.inet_ntoa(socket.inet_aton(host)))
+        except OSError:
+            return False
     return not address.is_global
 
 

@@ -156,7 +156,8 @@ async def apply_event(
             # Only the intent tied to the order speaks for it; an old one is noise.
             if order.get("pi") != intent_id or order["state"] != "reserved":
                 return order["state"]
-            return await _fail(redis, gateway, sale_id, order_id, intent_id)
+            failed = kind == "payment_intent.payment_failed"
+            return await _fail(redis, gateway, sale_id, order_id, intent_id, failed)
         # charge.refunded: money went back (perhaps from Stripe's dashboard).
         charge = event["data"]["object"]
         if charge.get("refunded") is False:
@@ -175,12 +176,20 @@ async def apply_event(
 
 
 async def _fail(
-    redis: Redis, gateway: PaymentGateway, sale_id: str, order_id: str, intent_id: str
+    redis: Redis,
+    gateway: PaymentGateway,
+    sale_id: str,
+    order_id: str,
+    intent_id: str,
+    payment_failed: bool,
 ) -> str:
-    """A failed attempt ends the hold, but a failure event can be older than a retry the
-    shopper made since: the gateway's answer to a cancel decides."""
+    """A failed attempt (or an intent cancelled at the gateway) ends the hold, but a failure
+    event can be older than a retry the shopper made since: the gateway's answer to a cancel
+    decides. ``payment_failed``: the event says the payment failed (counted)."""
     try:
-        return await end_hold_with_intent(redis, gateway, sale_id, order_id, intent_id, "failed")
+        return await end_hold_with_intent(
+            redis, gateway, sale_id, order_id, intent_id, "failed", payment_failed
+        )
     except GatewayUnavailable:
         return "pending"
 

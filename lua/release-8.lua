@@ -11,6 +11,7 @@
   ARGV[1] order id
   ARGV[2] new state: 'cancelled' | 'expired' | 'failed'
   ARGV[3] owner user id to check, or '' to skip the check (workers)
+  ARGV[4] '1': the gateway failed this hold's payment (counted in payments_failed); optional
 
   Returns {code, state, version}:
      1 OK             the hold ended now; state is ARGV[2]
@@ -48,8 +49,10 @@ rcall('INCRBY', KEYS[2], qty)
 rcall('HINCRBY', KEYS[3], user, -qty)
 rcall('HINCRBY', KEYS[1], 'held', -qty)
 rcall('HSET', KEYS[6], 'state', target, 'version', version, 'updated_ms', now)
--- Payments the gateway failed, counted for the dashboard (the ledger has them by state too).
-if target == 'failed' then
+-- Payments the gateway failed, counted for the dashboard. Not every 'failed' release is one:
+-- an intent cancelled at the gateway (by an operator, or a cancel whose answer was lost) ends
+-- its hold as failed too.
+if ARGV[4] == '1' then
   rcall('HINCRBY', KEYS[1], 'payments_failed', 1)
 end
 -- A live hold is in exactly one of the two indexes; removing from both needs no lookup.

@@ -345,6 +345,10 @@ async def test_in_production_a_url_on_this_machine_or_a_private_network_is_refus
         "http://10.1.2.3/hook",
         "http://169.254.169.254/latest/meta-data",
         "http://[::1]/hook",
+        "http://2130706433:6379/",
+        "http://127.1/",
+        "http://0x7f000001/",
+        "http://localhost./hook",
     ):
         with pytest.raises(ProblemError) as refused:
             await subscriptions.create_subscription(db, {**body, "url": url})

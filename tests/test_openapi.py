@@ -295,6 +295,8 @@ async def admin_routes(
     null_currency = {**new_sale, "id": "s-null-currency", "currency": None}
     await send("POST", sales, sales, 201, json=null_currency, headers=admin)  # the default
     await send("GET", sales, sales + "?cursor=%00", 422, headers=admin)
+    await send("GET", sales, sales + "?limit=%C2%B2", 422, headers=admin)
+    await send("GET", sales, sales + "?limit=" + "0" * 5000 + "1", 422, headers=admin)
     bad_window = {"ends_at": iso(now - 7200)}
     await send("PATCH", one, "/v1/admin/sales/s-admin", 422, json=bad_window, headers=admin)
     await send("PATCH", one, "/v1/admin/sales/s-gone", 404, json={"price": 1}, headers=admin)

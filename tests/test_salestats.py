@@ -63,10 +63,13 @@ async def test_every_state_change_moves_the_figures(
     assert refunded.refunds_owed == 1
 
     # cid's payment fails at the gateway: the hold ends, and it counts as a failed payment,
-    # once, however often the failure arrives.
+    # once, however often the failure arrives. A hold failed for another reason (its intent
+    # cancelled at the gateway) is no failed payment.
     assert refunded.payments_failed == 0
     for _ in range(2):
-        await inventory.release(redis, sale.id, c.order_id, "failed")
+        await inventory.release(redis, sale.id, c.order_id, "failed", payment_failed=True)
+    d = await inventory.reserve(redis, sale.id, "dan", 1, "k1")
+    await inventory.release(redis, sale.id, d.order_id, "failed")
     failed = await sale_stats(redis, sale.id)
     assert failed is not None and (failed.payments_failed, failed.held) == (1, 0)
 

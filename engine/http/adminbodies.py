@@ -106,6 +106,7 @@ def page_limit(request: Request) -> int:
     raw = request.query_params.get("limit")
     if raw is None:
         return DEFAULT_PAGE
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_PAGE:
+    # isdecimal alone takes '²' and 5,000 digits (int() then raises): ASCII, a few digits.
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 4) or not 1 <= int(raw) <= MAX_PAGE:
         raise Unprocessable("invalid-query", f"limit must be an integer from 1 to {MAX_PAGE}")
     return int(raw)

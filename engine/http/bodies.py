@@ -34,7 +34,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     a declared length over it is refused before anything is read, and a body sent without
     one is read only up to it (a 1 GB body never reaches memory)."""
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge("body-too-large", f"the body may be at most {limit} bytes")
     body = bytearray()
     async for chunk in request.stream():

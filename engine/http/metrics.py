@@ -67,7 +67,7 @@ class RequestMetrics(RequestHook):
         # A bucket holds what is at most its bound: bisect_left finds the first bound >= seconds.
         sums[bisect_left(metrics.LATENCY_BUCKETS, seconds)] += 1
         sums[-1] += seconds
-        if REPLAYED_SCOPE_KEY in scope:
+        if REPLAYED_SCOPE_KEY in scope and status < 300:  # a replay the client got
             self._replayed += 1
 
     def flush(self) -> None:

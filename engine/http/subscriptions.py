@@ -106,7 +106,8 @@ async def _list_deliveries(request: Request, actor: str) -> Response:
             f"state must be one of {', '.join(subscriptions.DELIVERY_STATES)}",
         )
     raw_limit = request.query_params.get("limit", "50")
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= MAX_DELIVERIES_PAGE:
+    digits = raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 4
+    if not digits or not 1 <= int(raw_limit) <= MAX_DELIVERIES_PAGE:
         raise Unprocessable(
             "invalid-parameter", f"limit must be an integer from 1 to {MAX_DELIVERIES_PAGE}"
         )
