@@ -31,7 +31,7 @@ This is the only module that reads ``os.environ``. Everything else receives a ``
 | FLASHSALE_LOG_FORMAT           | ``auto``: text on a terminal, else JSON lines; or json, text |
 | FLASHSALE_GATEWAY_RATE_PER_S   | ``80``: payment gateway calls a second, whole deployment |
 | FLASHSALE_METRICS              | ``on``: count requests for ``GET /metrics``; or ``off`` |
-| FLASHSALE_METRICS_DIR          | ``<temp dir>/flashsale-metrics``: one per machine |
+| FLASHSALE_METRICS_DIR          | ``<temp dir>/flashsale-metrics-<uid>``: per machine, user |
 | FLASHSALE_STOCK_LOW_UNITS      | ``10``: ``stock.low`` when a sale's available units fall to it |
 | FLASHSALE_RETIRE_AFTER_S       | ``259200`` (3 days): a finished sale leaves the workers' walk |
 | FLASHSALE_DELIVERY_RETRY_S     | ``0,5,300,1800,7200,18000,36000,36000``: waits, per attempt |
@@ -83,6 +83,11 @@ def _seconds_list(env: Mapping[str, str], name: str, default: tuple[int, ...]) -
     if any(value < 0 for value in values):
         raise ConfigError(f"{name} must not hold a negative wait, got {raw!r}")
     return values
+
+
+def _default_metrics_dir() -> str:
+    # Per user: a folder another user made first (root, say) would refuse this one's files.
+    return os.path.join(tempfile.gettempdir(), f"flashsale-metrics-{os.getuid()}")
 
 
 def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
@@ -141,9 +146,7 @@ class Settings:
     metrics: bool = True
     # Where every server and worker process of the machine writes its metrics for /metrics to
     # add up (prometheus-client's multiprocess mode).
-    metrics_dir: str = field(
-        default_factory=lambda: os.path.join(tempfile.gettempdir(), "flashsale-metrics")
-    )
+    metrics_dir: str = field(default_factory=lambda: _default_metrics_dir())
     # Events to subscribers (engine.events, workers.deliveries).
     stock_low_units: int = 10
     # A sale over this long with nothing left to do leaves the live set every job walks each
@@ -220,8 +223,7 @@ class Settings:
             ),
             gateway_rate_per_s=_int(env, "FLASHSALE_GATEWAY_RATE_PER_S", cls.gateway_rate_per_s, 1),
             metrics=_choice(env, "FLASHSALE_METRICS", "on", ("on", "off")) == "on",
-            metrics_dir=env.get("FLASHSALE_METRICS_DIR")
-            or os.path.join(tempfile.gettempdir(), "flashsale-metrics"),
+            metrics_dir=env.get("FLASHSALE_METRICS_DIR") or _default_metrics_dir(),
             stock_low_units=_int(env, "FLASHSALE_STOCK_LOW_UNITS", cls.stock_low_units, 0),
             # At least 5 minutes: the event job must see a sale over before it is retired.
             retire_after_s=_int(env, "FLASHSALE_RETIRE_AFTER_S", cls.retire_after_s, 300),

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from engine.settings import Settings
+from engine.settings import ConfigError, Settings
 
 __all__ = ["SERVE_APPS", "cmd_migrate", "cmd_serve", "cmd_worker"]
 
@@ -31,7 +31,13 @@ def _share_metrics(settings: Settings) -> None:
     # The files of processes that ended stay: their counts are part of the machine's totals
     # (removing them would make every counter drop, which Prometheus reads as a reset).
     folder = Path(settings.metrics_dir)
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".writable-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise ConfigError(f"FLASHSALE_METRICS_DIR {folder} cannot be written: {exc}") from None
     os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
 
 
