@@ -9,8 +9,8 @@ its XACK) produces nothing new: exactly one event per ledger change, whatever th
 Sale events (``stock.low``, ``sale.sold_out``, ``sale.opened``, ``sale.closed``) are not in the
 outbox: the delivery job observes each live sale in Redis, where its stock and status live, and
 produces each milestone once per sale (the id is ``msg_<sale>_<milestone>``). ``stock.low`` fires
-when the available units first fall to ``stock_low_units`` or below (only for a sale that began
-above it); a restock does not arm it again.
+when the available units first fall to the sale's own ``stock_low_units`` (else the setting's)
+or below (only for a sale whose stock is above it); a restock does not arm it again.
 
 A subscription receives the events produced after it was made; each event is thin (ids, state,
 amounts), so a receiver re-reads the resource for the rest.
@@ -126,8 +126,11 @@ async def write_with_events(pool: asyncpg.Pool, sale_id: str, changes: Sequence[
             await conn.execute(_PRODUCE, sale_id, changes)
 
 
-def _milestones(sale: dict[str, str], now_ms: int, stock_low_units: int) -> dict[str, Any]:
-    """The sale's milestones that hold now, each with its event's data."""
+def _milestones(sale: dict[str, str], now_ms: int, default_low: int) -> dict[str, Any]:
+    """The sale's milestones that hold now, each with its event's data. ``default_low``: the
+    stock.low threshold of a sale that has none of its own."""
+    own_low = sale.get("stock_low_units")
+    stock_low_units = int(own_low) if own_low is not None else default_low
     available = int(sale.get("stock", 0))
     initial = int(sale.get("initial_stock", 0))
     status = sale.get("status", "")

@@ -78,30 +78,25 @@ class SaleDefinition:
     start_ms: int
     end_ms: int
     status: str = "open"
+    # stock.low for this sale at this many units available (None: FLASHSALE_STOCK_LOW_UNITS).
+    stock_low_units: int | None = None
 
     def redis_fields(self) -> list[str | int]:
-        return [
-            "id",
-            self.id,
-            "name",
-            self.name,
-            "status",
-            self.status,
-            "start_ms",
-            self.start_ms,
-            "end_ms",
-            self.end_ms,
-            "price",
-            self.price,
-            "currency",
-            self.currency,
-            "per_user_limit",
-            self.per_user_limit,
-            "per_order_max",
-            self.per_order_max,
-            "hold_ms",
-            self.hold_seconds * 1000,
-        ]
+        fields: dict[str, str | int] = {
+            "id": self.id,
+            "name": self.name,
+            "status": self.status,
+            "start_ms": self.start_ms,
+            "end_ms": self.end_ms,
+            "price": self.price,
+            "currency": self.currency,
+            "per_user_limit": self.per_user_limit,
+            "per_order_max": self.per_order_max,
+            "hold_ms": self.hold_seconds * 1000,
+        }
+        if self.stock_low_units is not None:
+            fields["stock_low_units"] = self.stock_low_units
+        return [item for pair in fields.items() for item in pair]
 
 
 @dataclass(frozen=True, slots=True)

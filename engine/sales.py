@@ -50,6 +50,8 @@ def validate(sale: SaleDefinition) -> None:
         problems.append("hold seconds must be >= 1")
     if sale.end_ms <= sale.start_ms:
         problems.append("the sale must end after it starts")
+    if sale.stock_low_units is not None and sale.stock_low_units < 0:
+        problems.append("the stock.low threshold must be >= 0")
     if sale.status not in ("open", "paused"):
         problems.append("a new sale starts open or paused")
     if problems:
@@ -67,8 +69,8 @@ async def create_sale(db: asyncpg.Pool, redis: Redis, sale: SaleDefinition) -> b
     row = await db.fetchrow(
         """
         INSERT INTO sales (id, name, stock, price, currency, per_user_limit, per_order_max,
-                           hold_seconds, starts_at, ends_at, status)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+                           hold_seconds, starts_at, ends_at, status, stock_low_units)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
         ON CONFLICT (id) DO NOTHING
         RETURNING id
         """,
@@ -83,6 +85,7 @@ async def create_sale(db: asyncpg.Pool, redis: Redis, sale: SaleDefinition) -> b
         _ts(sale.start_ms),
         _ts(sale.end_ms),
         sale.status,
+        sale.stock_low_units,
     )
     created = row is not None
     if not created:

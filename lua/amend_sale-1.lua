@@ -5,7 +5,8 @@
   KEYS[1] sale hash
 
   ARGV[1..] field, value, field, value ... (any of start_ms, end_ms, price, per_user_limit,
-            per_order_max, hold_ms, name; checked by the caller, engine/http/adminsales.py)
+            per_order_max, hold_ms, name, stock_low_units; checked by the caller,
+            engine/http/adminsales.py)
 
   Returns:
      1 OK               {1}

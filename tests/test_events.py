@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -177,6 +178,41 @@ async def test_sale_milestones_are_produced_once_each(
     low = next(r.payload for r in receiver.received if r.payload["type"] == "stock.low")
     assert low["data"]["available"] == 10 and low["data"]["threshold"] == 10
     assert len(receiver.received) == 4 and receiver.refused == []
+
+
+async def test_a_sale_with_its_own_threshold_is_low_at_it(
+    admin: httpx.AsyncClient, redis: Redis, db: asyncpg.Pool, ledger_sale: SaleFactory
+):
+    """A sale created through the admin API with ``stock_low_units`` is low at its own
+    threshold, not the deployment's."""
+    now = time.time()
+    body = {
+        "id": "s-own-low",
+        "stock": 100,
+        "price": 100,
+        "per_user_limit": 100,
+        "per_order_max": 100,
+        "starts_at": datetime.fromtimestamp(now - 60, tz=UTC).isoformat(),
+        "ends_at": datetime.fromtimestamp(now + 3600, tz=UTC).isoformat(),
+        "stock_low_units": 50,
+    }
+    created = await admin.post("/v1/admin/sales", json=body)
+    assert created.status_code == 201, created.text
+    assert created.json()["definition"]["stock_low_units"] == 50
+    await admin.post(
+        SUBSCRIPTIONS, json={"url": "http://127.0.0.1:9/", "event_types": ["stock.low"]}
+    )
+
+    async def low() -> bool:
+        await observe_sale(db, redis, "s-own-low", stock_low_units=10)
+        return bool(
+            await db.fetchval("SELECT count(*) FROM outbound_events WHERE type = 'stock.low'")
+        )
+
+    await inventory.reserve(redis, "s-own-low", "a", 49, "k1")
+    assert not await low()  # 51 left
+    await inventory.reserve(redis, "s-own-low", "a", 1, "k2")
+    assert await low()  # 50 left: its own threshold, far above the deployment's 10
 
 
 async def one_order_event(redis: Redis, db: asyncpg.Pool, sale_id: str, n: int = 1) -> None:

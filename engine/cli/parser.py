@@ -212,6 +212,11 @@ def _add_sales(commands: _Commands) -> None:
         type=_positive,
         help="how long an unpaid hold lasts (default FLASHSALE_HOLD_SECONDS)",
     )
+    create.add_argument(
+        "--stock-low",
+        type=int,
+        help="send stock.low when available units fall to this (default FLASHSALE_STOCK_LOW_UNITS)",
+    )
     when = create.add_mutually_exclusive_group()
     when.add_argument("--starts-at", type=_parse_time, help="ISO 8601 start, with time zone")
     when.add_argument("--starts-in", type=int, default=0, help="start N seconds from now")

@@ -46,6 +46,7 @@ def cmd_sale_create(args: argparse.Namespace) -> int:
         start_ms=start_ms,
         end_ms=args.ends_at if args.ends_at is not None else start_ms + args.duration * 1000,
         status="paused" if args.paused else "open",
+        stock_low_units=args.stock_low,
     )
     created = run_with_stores(lambda db, redis: create_sale(db, redis, sale))
     print(

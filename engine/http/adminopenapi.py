@@ -31,6 +31,12 @@ _SALE_BODY = {
         "starts_at": {"type": "string", "format": "date-time"},
         "ends_at": {"type": "string", "format": "date-time"},
         "status": {"enum": ["open", "paused"], "default": "open"},
+        "stock_low_units": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "stock.low at this many units available (default "
+            "FLASHSALE_STOCK_LOW_UNITS)",
+        },
     },
 }
 _AMEND_BODY = {
@@ -47,6 +53,7 @@ _AMEND_BODY = {
             "hold_seconds",
             "starts_at",
             "ends_at",
+            "stock_low_units",
         )
     },
 }

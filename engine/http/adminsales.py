@@ -45,6 +45,7 @@ _CREATE_FIELDS = {
     "starts_at",
     "ends_at",
     "status",
+    "stock_low_units",
 }
 # What may change before the start, with its column in Postgres and its field in Redis.
 _AMENDABLE = {
@@ -55,6 +56,7 @@ _AMENDABLE = {
     "hold_seconds": ("hold_seconds", "hold_ms"),
     "starts_at": ("starts_at", "start_ms"),
     "ends_at": ("ends_at", "end_ms"),
+    "stock_low_units": ("stock_low_units", "stock_low_units"),
 }
 
 
@@ -88,6 +90,9 @@ async def _create_sale(request: Request, actor: str) -> Response:
         start_ms=time_ms(body, "starts_at"),
         end_ms=time_ms(body, "ends_at"),
         status=status or "open",
+        stock_low_units=(
+            positive_int(body, "stock_low_units", minimum=0) if "stock_low_units" in body else None
+        ),
     )
     found = services(request)
     created = await sales.create_sale(found.ledger, found.store, definition)
@@ -133,7 +138,8 @@ async def _amend_sale(request: Request, actor: str) -> Response:
                 raise Unprocessable("invalid-body", "name must be a non-empty string")
             values[name] = body[name]
         else:
-            values[name] = positive_int(body, name, minimum=0 if name == "price" else 1)
+            low = name in ("price", "stock_low_units")
+            values[name] = positive_int(body, name, minimum=0 if low else 1)
     start = values.get("starts_at", int(row["starts_at"].timestamp() * 1000))
     end = values.get("ends_at", int(row["ends_at"].timestamp() * 1000))
     sales.validate(
