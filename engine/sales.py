@@ -21,6 +21,7 @@ from engine.ledger import count_orders
 from engine.scripts import SCRIPTS, Code
 
 __all__ = [
+    "DEFINITION_FIELDS",
     "change_status",
     "create_sale",
     "live_sale_ids",
@@ -30,6 +31,22 @@ __all__ = [
 ]
 
 _retire = SCRIPTS["retire_sale"]
+
+# A sale's definition as the sales table and the admin API name it (its id aside), in the order
+# `flashsale sale show` prints it.
+DEFINITION_FIELDS = (
+    "name",
+    "status",
+    "stock",
+    "price",
+    "currency",
+    "per_user_limit",
+    "per_order_max",
+    "hold_seconds",
+    "starts_at",
+    "ends_at",
+    "stock_low_units",
+)
 
 
 def validate(sale: SaleDefinition) -> None:

@@ -12,20 +12,6 @@ from engine.settings import Settings
 
 __all__ = ["cmd_sale_create", "cmd_sale_show", "cmd_sale_status"]
 
-# `sale show` prints the definition's fields in this order; anything else is left to --json.
-_SHOWN = (
-    "name",
-    "status",
-    "stock",
-    "price",
-    "currency",
-    "per_user_limit",
-    "per_order_max",
-    "hold_seconds",
-    "starts_at",
-    "ends_at",
-)
-
 
 def cmd_sale_create(args: argparse.Namespace) -> int:
     from engine.inventory import SaleDefinition
@@ -57,15 +43,15 @@ def cmd_sale_create(args: argparse.Namespace) -> int:
 
 
 def cmd_sale_show(args: argparse.Namespace) -> int:
-    from engine.sales import sale_report
+    from engine.sales import DEFINITION_FIELDS, sale_report
 
     report = run_with_stores(lambda db, redis: sale_report(db, redis, args.id))
     if args.json:
         print(orjson.dumps(report, option=orjson.OPT_INDENT_2).decode())
         return 0
     definition = report.get("definition", {})
-    for name in _SHOWN:
-        if name in definition:
+    for name in DEFINITION_FIELDS:
+        if definition.get(name) is not None:
             print(f"{name:>20}: {definition[name]}")
     for name, value in report.get("live", {}).items():
         print(f"{'live ' + name:>20}: {value}")

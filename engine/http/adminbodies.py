@@ -18,7 +18,6 @@ from engine.http.context import services
 
 __all__ = [
     "MAX_PAGE",
-    "has_nul",
     "json_object",
     "page_cursor",
     "page_limit",
@@ -33,16 +32,21 @@ MAX_INT = 2**31 - 1
 DEFAULT_PAGE = 50
 
 
-async def json_object(request: Request, allowed: set[str]) -> dict[str, Any]:
-    """The body as a JSON object whose fields are all in ``allowed``."""
-    body = await read_body(request, services(request).settings.max_body_bytes)
+async def json_object(
+    request: Request, allowed: set[str] | None, limit: int | None = None
+) -> dict[str, Any]:
+    """The body as a JSON object whose fields are all in ``allowed`` (None: the caller checks
+    them), of at most ``limit`` bytes (default ``FLASHSALE_MAX_BODY_BYTES``)."""
+    if limit is None:
+        limit = services(request).settings.max_body_bytes
+    body = await read_body(request, limit)
     try:
-        parsed = orjson.loads(body or b"{}")
+        parsed = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise Unprocessable("invalid-body", "the body is not valid JSON") from None
     if not isinstance(parsed, dict):
         raise Unprocessable("invalid-body", "the body must be a JSON object")
-    unknown = set(parsed) - allowed
+    unknown = set(parsed) - allowed if allowed is not None else set()
     if unknown:
         raise Unprocessable("invalid-body", f"unknown fields: {', '.join(sorted(unknown))}")
     if has_nul(parsed):

@@ -33,20 +33,7 @@ __all__ = [
 
 _amend = SCRIPTS["amend_sale"]
 
-_CREATE_FIELDS = {
-    "id",
-    "name",
-    "stock",
-    "price",
-    "currency",
-    "per_user_limit",
-    "per_order_max",
-    "hold_seconds",
-    "starts_at",
-    "ends_at",
-    "status",
-    "stock_low_units",
-}
+_CREATE_FIELDS = {"id", *sales.DEFINITION_FIELDS}
 # What may change before the start, with its column in Postgres and its field in Redis.
 _AMENDABLE = {
     "name": ("name", "name"),

@@ -6,17 +6,14 @@ Reading needs the scope ``webhooks:read``, changing ``webhooks:write`` (``requir
 
 from __future__ import annotations
 
-from typing import Any
-
-import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
 from engine import subscriptions
 from engine.errors import Unprocessable
 from engine.http.adminauth import admin_action
-from engine.http.adminbodies import has_nul
-from engine.http.bodies import JSONResponse, read_body
+from engine.http.adminbodies import json_object
+from engine.http.bodies import JSONResponse
 from engine.http.context import services
 
 __all__ = [
@@ -36,19 +33,6 @@ MAX_SUBSCRIPTION_BYTES = 8192
 MAX_DELIVERIES_PAGE = 200
 
 
-async def _body(request: Request) -> dict[str, Any]:
-    raw = await read_body(request, MAX_SUBSCRIPTION_BYTES)
-    try:
-        parsed = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        raise Unprocessable("invalid-body", "the body is not valid JSON") from None
-    if not isinstance(parsed, dict):
-        raise Unprocessable("invalid-body", "the body must be a JSON object")
-    if has_nul(parsed):
-        raise Unprocessable("invalid-body", "text may not contain NUL characters")
-    return parsed
-
-
 def _internal_ok(request: Request) -> bool:
     """Receivers on this machine or a private network: for development and tests only."""
     return services(request).settings.environment != "production"
@@ -60,7 +44,7 @@ def _subscription_id(request: Request) -> str:
 
 
 async def _create_subscription(request: Request, actor: str) -> Response:
-    body = await _body(request)
+    body = await json_object(request, None, MAX_SUBSCRIPTION_BYTES)
     found = services(request)
     created = await subscriptions.create_subscription(found.ledger, body, _internal_ok(request))
     return JSONResponse(created, status_code=201)
@@ -77,7 +61,7 @@ async def _get_subscription(request: Request, actor: str) -> Response:
 
 
 async def _update_subscription(request: Request, actor: str) -> Response:
-    body = await _body(request)
+    body = await json_object(request, None, MAX_SUBSCRIPTION_BYTES)
     db = services(request).ledger
     updated = await subscriptions.update_subscription(
         db, _subscription_id(request), body, _internal_ok(request)
