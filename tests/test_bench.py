@@ -19,15 +19,8 @@ from engine.cli import main
 from loadtests.bench import BenchOptions
 from tests.conftest import ROOT
 
-PHASES = (
-    "ceiling",
-    "engine",
-    "engine_metered",
-    "engine_unmetered",
-    "engine_fsync",
-    "sold_out",
-    "baseline",
-)
+# Every phase the bench runs has its figures in the report.
+PHASES = loadtests.bench.PHASE_ORDER
 RATIOS = (
     "engine_to_ceiling",
     "soldout_to_ceiling",

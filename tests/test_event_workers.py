@@ -30,6 +30,8 @@ from workers.outbox import drain_sale
 
 ADMIN = "admin-" + "w" * 24
 SUBSCRIPTIONS = "/v1/admin/webhooks/subscriptions"
+# A subscription id of the right shape that names nothing.
+MISSING = SUBSCRIPTIONS + "/sub_" + "0" * 24
 
 
 @pytest.fixture
@@ -209,39 +211,39 @@ async def produced_ids(db: asyncpg.Pool) -> set[str]:
         ("POST", SUBSCRIPTIONS, b"[]", 422, "invalid-body"),
         ("POST", SUBSCRIPTIONS, b" " * 9000, 413, "body-too-large"),
         ("GET", SUBSCRIPTIONS + "/sub_nope", None, 404, "subscription-not-found"),
-        ("GET", SUBSCRIPTIONS + "/sub_" + "0" * 24, None, 404, "subscription-not-found"),
+        ("GET", MISSING, None, 404, "subscription-not-found"),
         (
             "PATCH",
-            SUBSCRIPTIONS + "/sub_" + "0" * 24,
+            MISSING,
             {"enabled": True},
             404,
             "subscription-not-found",
         ),
-        ("DELETE", SUBSCRIPTIONS + "/sub_" + "0" * 24, None, 404, "subscription-not-found"),
+        ("DELETE", MISSING, None, 404, "subscription-not-found"),
         (
             "POST",
-            SUBSCRIPTIONS + "/sub_" + "0" * 24 + "/rotate-secret",
+            MISSING + "/rotate-secret",
             None,
             404,
             "subscription-not-found",
         ),
         (
             "GET",
-            SUBSCRIPTIONS + "/sub_" + "0" * 24 + "/deliveries",
+            MISSING + "/deliveries",
             None,
             404,
             "subscription-not-found",
         ),
         (
             "GET",
-            SUBSCRIPTIONS + "/sub_" + "0" * 24 + "/deliveries?limit=0",
+            MISSING + "/deliveries?limit=0",
             None,
             422,
             "invalid-parameter",
         ),
         (
             "GET",
-            SUBSCRIPTIONS + "/sub_" + "0" * 24 + "/deliveries?state=lost",
+            MISSING + "/deliveries?state=lost",
             None,
             422,
             "invalid-parameter",

@@ -52,7 +52,7 @@ log = logging.getLogger("flashsale.app")
 POSTGRES_DEADLINE_S = 5.0
 
 
-_SUBSCRIPTIONS = "/v1/admin/webhooks/subscriptions"
+_SUBSCRIPTIONS = subscriptions.PATH
 _SUBSCRIPTION = _SUBSCRIPTIONS + "/{subscription_id}"
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from engine.events import EVENT_TYPES
-from engine.http.subscriptions import MAX_DELIVERIES_PAGE, MAX_SUBSCRIPTION_BYTES
+from engine.http.subscriptions import MAX_DELIVERIES_PAGE, MAX_SUBSCRIPTION_BYTES, PATH
 from engine.subscriptions import DELIVERY_STATES
 
 __all__ = ["Described", "subscription_operations", "subscription_schemas"]
@@ -53,7 +53,7 @@ def _request(schema: str) -> dict[str, Any]:
 
 def subscription_operations() -> dict[str, dict[str, Described]]:
     """path -> method -> what ``engine.http.openapi`` needs to make the operation."""
-    base = "/v1/admin/webhooks/subscriptions"
+    base = PATH
     one = base + "/{subscription_id}"
     subscription = _json(_ref("Subscription"), "The subscription")
     by_id = {"parameters": [_ID]}

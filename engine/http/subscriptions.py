@@ -19,6 +19,7 @@ from engine.http.context import services
 __all__ = [
     "MAX_DELIVERIES_PAGE",
     "MAX_SUBSCRIPTION_BYTES",
+    "PATH",
     "create_subscription",
     "delete_subscription",
     "get_subscription",
@@ -27,6 +28,9 @@ __all__ = [
     "rotate_secret",
     "update_subscription",
 ]
+
+# Where the routes live (app.route_table, and their part of the OpenAPI document).
+PATH = "/v1/admin/webhooks/subscriptions"
 
 # A URL of 2 KiB, every event type and a description fit many times over.
 MAX_SUBSCRIPTION_BYTES = 8192
