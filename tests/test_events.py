@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import replace
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -221,19 +221,42 @@ async def one_order_event(redis: Redis, db: asyncpg.Pool, sale_id: str, n: int =
     await drain_sale(redis, db, sale_id, "c1", batch=100, claim_idle_ms=60_000)
 
 
-async def test_a_failed_delivery_comes_again_with_the_same_id_honouring_retry_after(
+@dataclass
+class Hooked:
+    """The receiver subscribed to order.placed, and a sale whose orders make those events."""
+
+    admin: httpx.AsyncClient
+    receiver: Receiver
+    sub: dict[str, Any]
+    settings: Settings  # retries without waiting
+    place: Callable[[int], Awaitable[None]]  # n orders (u0.., keys k0..), drained
+
+
+@pytest.fixture
+async def hooked(
     admin: httpx.AsyncClient,
     receiver: Receiver,
     redis: Redis,
     db: asyncpg.Pool,
     ledger_sale: SaleFactory,
     fast: Settings,
-    dispatcher_for: Callable[[Settings], Dispatcher],
-):
+) -> Hooked:
     sub = await subscribe(admin, receiver, "order.placed")
-    await one_order_event(redis, db, (await ledger_sale()).id)
+    sale = await ledger_sale()
+
+    async def place(n: int) -> None:
+        await one_order_event(redis, db, sale.id, n)
+
+    return Hooked(admin, receiver, sub, fast, place)
+
+
+async def test_a_failed_delivery_comes_again_with_the_same_id_honouring_retry_after(
+    hooked: Hooked, dispatcher_for: Callable[[Settings], Dispatcher]
+):
+    admin, receiver, sub = hooked.admin, hooked.receiver, hooked.sub
+    await hooked.place(1)
     receiver.answers = [500, (429, {"Retry-After": "2"})]
-    dispatcher = dispatcher_for(fast)
+    dispatcher = dispatcher_for(hooked.settings)
     # 500, and the schedule's next wait is 0: again at once; 429, come back in 2 s.
     assert await deliver(dispatcher) == 2
     asked_at = time.monotonic()
@@ -250,39 +273,28 @@ async def test_a_failed_delivery_comes_again_with_the_same_id_honouring_retry_af
 
 
 async def test_the_last_attempt_failing_fails_the_delivery(
-    admin: httpx.AsyncClient,
-    receiver: Receiver,
-    redis: Redis,
-    db: asyncpg.Pool,
-    ledger_sale: SaleFactory,
-    fast: Settings,
-    dispatcher_for: Callable[[Settings], Dispatcher],
+    hooked: Hooked, dispatcher_for: Callable[[Settings], Dispatcher]
 ):
-    sub = await subscribe(admin, receiver, "order.placed")
-    await one_order_event(redis, db, (await ledger_sale()).id)
-    receiver.answers = [503, 503, 503, 503, 200]
-    dispatcher = dispatcher_for(fast)
+    await hooked.place(1)
+    hooked.receiver.answers = [503, 503, 503, 503, 200]
+    dispatcher = dispatcher_for(hooked.settings)
     for _ in range(6):
         await deliver(dispatcher)
-    [delivery] = await attempts_of(admin, sub)
-    assert delivery["state"] == "failed" and delivery["attempts"] == len(fast.delivery_retry_s)
-    assert len(receiver.received) == 4
+    [delivery] = await attempts_of(hooked.admin, hooked.sub)
+    attempts = len(hooked.settings.delivery_retry_s)
+    assert delivery["state"] == "failed" and delivery["attempts"] == attempts
+    assert len(hooked.receiver.received) == 4
 
 
 async def test_410_gone_disables_the_subscription(
-    admin: httpx.AsyncClient,
-    receiver: Receiver,
-    redis: Redis,
-    db: asyncpg.Pool,
-    ledger_sale: SaleFactory,
-    fast: Settings,
+    hooked: Hooked,
     dispatcher_for: Callable[[Settings], Dispatcher],
     caplog: pytest.LogCaptureFixture,
 ):
-    sub = await subscribe(admin, receiver, "order.placed")
-    await one_order_event(redis, db, (await ledger_sale()).id, n=3)
+    admin, receiver, sub = hooked.admin, hooked.receiver, hooked.sub
+    await hooked.place(3)
     receiver.answers = [410]
-    dispatcher = dispatcher_for(replace(fast, delivery_per_endpoint=1))
+    dispatcher = dispatcher_for(replace(hooked.settings, delivery_per_endpoint=1))
     with caplog.at_level(logging.WARNING, "flashsale.deliveries"):
         assert await deliver(dispatcher) == 1
     assert await deliver(dispatcher) == 0
@@ -295,19 +307,13 @@ async def test_410_gone_disables_the_subscription(
 
 
 async def test_an_endpoint_failing_for_days_is_disabled_and_a_success_resets_the_count(
-    admin: httpx.AsyncClient,
-    receiver: Receiver,
-    redis: Redis,
-    db: asyncpg.Pool,
-    ledger_sale: SaleFactory,
-    fast: Settings,
-    dispatcher_for: Callable[[Settings], Dispatcher],
+    hooked: Hooked, dispatcher_for: Callable[[Settings], Dispatcher]
 ):
     # "Days" is a setting: 2 s here; retries 1 s apart.
-    sub = await subscribe(admin, receiver, "order.placed")
-    sale = await ledger_sale()
-    await one_order_event(redis, db, sale.id, n=1)
-    settings = replace(fast, endpoint_disable_after_s=2, delivery_retry_s=(0, 1, 1, 1, 1, 1))
+    admin, receiver, sub = hooked.admin, hooked.receiver, hooked.sub
+    await hooked.place(1)
+    retries = (0, 1, 1, 1, 1, 1)
+    settings = replace(hooked.settings, endpoint_disable_after_s=2, delivery_retry_s=retries)
     dispatcher = dispatcher_for(settings)
 
     async def shown() -> dict[str, Any]:
@@ -321,7 +327,7 @@ async def test_an_endpoint_failing_for_days_is_disabled_and_a_success_resets_the
     await deliver(dispatcher)  # succeeds: the endpoint is not failing any more
     assert (await shown())["failing_since"] is None and (await shown())["enabled"]
 
-    await one_order_event(redis, db, sale.id, n=2)
+    await hooked.place(2)
     receiver.answers = [500] * 5
     await deliver(dispatcher)
     assert (await shown())["enabled"] is True
