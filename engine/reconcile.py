@@ -93,8 +93,7 @@ class ReconcileReport:
         self.differences.append(Difference(kind, order_id, detail))
 
     def reported(self) -> None:
-        """Log each difference and count it in the metrics, whoever ran the comparison: a run
-        since the cursor moves the cursor on, so the next run will not find them again."""
+        """Log each difference and count it in the metrics (``reconcile`` calls it)."""
         for difference in self.differences:
             log.warning("reconcile %s: %s", self.sale_id, difference)
             RECONCILE_DIFFERENCES.labels(difference.kind).inc()
@@ -348,7 +347,12 @@ async def reconcile(
     full: bool = True,
 ) -> ReconcileReport:
     """Compare the sale across Redis, the ledger and the gateway: everything (``full``), or
-    what changed at the gateway since the sale's cursor, which then moves on."""
+    what changed at the gateway since the sale's cursor, which then moves on. Every difference
+    found is logged and counted here, whoever ran it: the cursor moved on, so no later run
+    finds it again."""
     if full:
-        return await _full(redis, db, gateway, sale_id, repair)
-    return await _since_cursor(redis, db, gateway, sale_id, repair)
+        report = await _full(redis, db, gateway, sale_id, repair)
+    else:
+        report = await _since_cursor(redis, db, gateway, sale_id, repair)
+    report.reported()
+    return report

@@ -24,10 +24,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from engine.db import redis_ms
 from engine.keys import OUTBOX_GROUP, sale_keys
 from engine.sales import live_sale_ids
 
-__all__ = ["SaleStats", "all_sale_stats", "redis_now_ms", "sale_stats"]
+__all__ = ["SaleStats", "all_sale_stats", "sale_stats"]
 
 _SALE_FIELDS = (
     "name",
@@ -86,16 +87,11 @@ def _phase(status: str, start_ms: int, end_ms: int, now_ms: int) -> str:
     return "open" if now_ms < end_ms else "ended"
 
 
-async def redis_now_ms(redis: Redis) -> int:
-    seconds, micros = await redis.time()
-    return int(seconds) * 1000 + int(micros) // 1000
-
-
 async def sale_stats(redis: Redis, sale_id: str, now_ms: int | None = None) -> SaleStats | None:
     """The sale's figures, or None when Redis has no such sale. ``now_ms``: Redis's clock
-    (``redis_now_ms``), read once by a caller that reads many sales."""
+    (``db.redis_ms``), read once by a caller that reads many sales."""
     if now_ms is None:
-        now_ms = await redis_now_ms(redis)
+        now_ms = await redis_ms(redis)
     keys = sale_keys(sale_id)
     # One MULTI: the figures come from one instant (every key shares the sale's slot).
     async with redis.pipeline(transaction=True) as pipe:
@@ -158,7 +154,7 @@ async def sale_stats(redis: Redis, sale_id: str, now_ms: int | None = None) -> S
 async def all_sale_stats(redis: Redis) -> tuple[int, list[SaleStats]]:
     """Redis's clock (ms) and the figures of every live sale, by sale id. A sale in the live set
     whose hash is gone (deleted by hand) is left out rather than shown as zeros."""
-    now_ms = await redis_now_ms(redis)
+    now_ms = await redis_ms(redis)
     found = []
     for sale_id in await live_sale_ids(redis):
         stats = await sale_stats(redis, sale_id, now_ms)

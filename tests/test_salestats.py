@@ -10,8 +10,9 @@ import asyncpg
 from redis.asyncio import Redis
 
 from engine import inventory
+from engine.db import redis_ms
 from engine.keys import LIVE_SALES
-from engine.salestats import all_sale_stats, redis_now_ms, sale_stats
+from engine.salestats import all_sale_stats, sale_stats
 from tests.conftest import SaleFactory
 from workers.outbox import drain_sale
 
@@ -27,7 +28,7 @@ async def test_a_fresh_sale_shows_its_stock_and_nothing_owed(
     assert (stats.holds, stats.holds_due, stats.outbox_length, stats.ledger_lag_ms) == (0, 0, 0, 0)
     assert (stats.refunds_owed, stats.cancels_owed) == (0, 0)
     assert (stats.status, stats.phase, stats.price, stats.currency) == ("open", "open", 2500, "usd")
-    assert abs(stats.now_ms - await redis_now_ms(redis)) < 1000
+    assert abs(stats.now_ms - await redis_ms(redis)) < 1000
 
 
 async def test_every_state_change_moves_the_figures(
@@ -92,7 +93,7 @@ async def test_holds_past_their_expiry_are_due(redis: Redis, ledger_sale: SaleFa
 
 
 async def test_the_phase_says_what_a_shopper_meets(redis: Redis, ledger_sale: SaleFactory):
-    now = await redis_now_ms(redis)
+    now = await redis_ms(redis)
     upcoming = await ledger_sale(start_ms=now + 60_000, end_ms=now + 120_000)
     ended = await ledger_sale(start_ms=now - 120_000, end_ms=now - 60_000)
     paused = await ledger_sale(status="paused")

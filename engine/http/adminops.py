@@ -48,7 +48,6 @@ async def _run_reconcile(request: Request, actor: str) -> Response:
         raise NotFound("sale-not-found", f"there is no sale {sale!r} in Redis")
     try:
         report = await reconcile(found.store, found.ledger, found.payments, sale, repair, full)
-        report.reported()
     except GatewayUnavailable:
         raise Unavailable(
             "payment-unavailable", "the payment gateway did not answer; run it again later"

@@ -35,7 +35,7 @@ from engine.http import (
 )
 from engine.http.auth import TokenVerifier
 from engine.http.context import Services
-from engine.http.metrics import RequestMetrics, flushing, metrics_route
+from engine.http.metrics import metrics_route
 from engine.http.orderroute import OrderRoute
 from engine.http.routing import BareRoute, FrontDoor, RequestHook
 from engine.logs import Outage
@@ -131,6 +131,7 @@ def create_app(
 ) -> FrontDoor:
     """The engine's ASGI app. ``redis``: a client to use instead of one made from the settings
     (the caller closes it); ``hook``: called around every request (``RequestHook``)."""
+    request_hook = hook or RequestHook()
     verifier = TokenVerifier(settings)
     outage = Outage("redis", logging.getLogger("flashsale.redis"))
     order_route = OrderRoute(settings, verifier, outage)
@@ -151,10 +152,7 @@ def create_app(
         app.state.services = found
         await load_scripts(client)
         try:
-            if isinstance(hook, RequestMetrics):
-                async with flushing(hook):
-                    yield
-            else:
+            async with request_hook.running():
                 yield
         finally:
             await order_route.aclose()
@@ -165,7 +163,7 @@ def create_app(
 
     app = FrontDoor(
         routes=route_table(order_route),
-        hook=hook,
+        hook=request_hook,
         lifespan=lifespan,
         exception_handlers={
             ProblemError: _on_problem,

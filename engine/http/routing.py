@@ -14,8 +14,9 @@ request took. The base class does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import MutableMapping, Sequence
+from collections.abc import AsyncIterator, MutableMapping, Sequence
 from typing import Any, Protocol
 
 import orjson
@@ -52,6 +53,14 @@ class RequestHook:
         self, scope: Scope, route: str, status: int, code: str | None, seconds: float
     ) -> None:
         """After the answer was sent (or the client went away: status 499)."""
+
+    def flush(self) -> None:
+        """Make what the hook gathered visible now (a scrape of /metrics asks)."""
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Around the app's life (its lifespan): where a hook runs background work."""
+        yield
 
 
 class BareHandler(Protocol):
