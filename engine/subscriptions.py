@@ -21,7 +21,6 @@ import re
 import secrets
 import socket
 from collections.abc import Sequence
-from datetime import datetime
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -71,10 +70,6 @@ def signature_header(keys: Sequence[str], msg_id: str, timestamp: int, body: byt
     """The ``webhook-signature`` value: one signature per secret in ``keys``."""
     to_sign = f"{msg_id}.{timestamp}.".encode() + body
     return " ".join(_sign(secret, to_sign) for secret in keys)
-
-
-def _shown(row: asyncpg.Record) -> dict[str, Any]:
-    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in dict(row).items()}
 
 
 def _internal(host: str) -> bool:
@@ -162,12 +157,12 @@ async def create_subscription(
         new_secret(),
     )
     assert row is not None
-    return _shown(row)
+    return dict(row)
 
 
 async def list_subscriptions(db: asyncpg.Pool) -> list[dict[str, Any]]:
     rows = await db.fetch(f"SELECT {_COLUMNS} FROM webhook_subscriptions ORDER BY created_at, id")
-    return [_shown(row) for row in rows]
+    return [dict(row) for row in rows]
 
 
 async def get_subscription(db: asyncpg.Pool, subscription_id: str) -> dict[str, Any]:
@@ -176,7 +171,7 @@ async def get_subscription(db: asyncpg.Pool, subscription_id: str) -> dict[str, 
     )
     if row is None:
         raise NotFound("subscription-not-found", f"there is no subscription {subscription_id!r}")
-    return _shown(row)
+    return dict(row)
 
 
 async def update_subscription(
@@ -205,7 +200,7 @@ async def update_subscription(
     )
     if row is None:
         raise NotFound("subscription-not-found", f"there is no subscription {subscription_id!r}")
-    return _shown(row)
+    return dict(row)
 
 
 async def rotate_secret(db: asyncpg.Pool, subscription_id: str, grace_s: int) -> dict[str, Any]:
@@ -222,7 +217,7 @@ async def rotate_secret(db: asyncpg.Pool, subscription_id: str, grace_s: int) ->
     )
     if row is None:
         raise NotFound("subscription-not-found", f"there is no subscription {subscription_id!r}")
-    return _shown(row)
+    return dict(row)
 
 
 async def delete_subscription(db: asyncpg.Pool, subscription_id: str) -> None:
@@ -259,7 +254,7 @@ async def list_deliveries(
     )
     found = []
     for row in rows:
-        shown = _shown(row)
+        shown = dict(row)
         shown["attempt_log"] = orjson.loads(shown["attempt_log"])
         found.append(shown)
     return found

@@ -154,9 +154,12 @@ async def test_deliveries_cut_by_a_sigkill_come_again_with_the_same_id(
         await receiver.stop()
     assert receiver.refused == []
     counts = Counter(receiver.ids())
-    assert {msg_id for msg_id, n in counts.items() if n > 1} == cut
+    duplicated = {msg_id for msg_id, n in counts.items() if n > 1}
+    # Every cut delivery came again. Others may too (at least once: an answer the restarted
+    # worker took longer to record than its lease), and each duplicate is the same event.
+    assert cut <= duplicated
     # A duplicate is the same event: same id, same payload (only the signature's time moves).
-    for msg_id in cut:
+    for msg_id in duplicated:
         bodies = {r.body for r in receiver.received if r.msg_id == msg_id}
         assert len(bodies) == 1
     # One event per ledger change, whatever the kill: 200 orders placed, 200 events.

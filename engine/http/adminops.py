@@ -108,12 +108,10 @@ async def _list_stripe_events(request: Request, actor: str) -> Response:
         after[1] if after else "",
         limit + 1,
     )
-    page = [
-        {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in dict(row).items()}
-        for row in rows[:limit]
-    ]
+    # JSONResponse writes datetimes as ISO 8601 (orjson), as the cursor does here.
+    page = [dict(row) for row in rows[:limit]]
     more = len(rows) > limit
-    next_cursor = f"{page[-1]['received_at']}~{page[-1]['id']}" if more else None
+    next_cursor = f"{page[-1]['received_at'].isoformat()}~{page[-1]['id']}" if more else None
     return JSONResponse({"events": page, "next_cursor": next_cursor})
 
 

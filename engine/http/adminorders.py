@@ -4,7 +4,6 @@ leaves an audit row (``engine.http.adminauth.admin_action``)."""
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from starlette.requests import Request
@@ -26,10 +25,6 @@ _ORDER_COLUMNS = (
     "id, sale_id, user_id, quantity, state, version, idempotency_key, payment_intent_id,"
     " created_at, expires_at, updated_at"
 )
-
-
-def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()}
 
 
 def _filter(request: Request, name: str, valid: Any) -> str | None:
@@ -60,7 +55,7 @@ async def _search_orders(request: Request, actor: str) -> Response:
         cursor,
         limit + 1,
     )
-    page = [_jsonable(dict(row)) for row in rows[:limit]]
+    page = [dict(row) for row in rows[:limit]]
     more = len(rows) > limit
     return JSONResponse({"orders": page, "next_cursor": page[-1]["id"] if more else None})
 
@@ -84,9 +79,9 @@ async def _show_order(request: Request, actor: str) -> Response:
         {
             "id": order_id,
             "sale_id": sale,
-            "ledger": _jsonable(dict(row)) if row is not None else None,
+            "ledger": dict(row) if row is not None else None,
             "live": stored_order_body(live, sale) if live is not None else None,
-            "events": [_jsonable(dict(event)) for event in events],
+            "events": [dict(event) for event in events],
         }
     )
 

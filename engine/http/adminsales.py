@@ -47,10 +47,6 @@ _AMENDABLE = {
 }
 
 
-def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: (v.isoformat() if isinstance(v, datetime) else v) for k, v in row.items()}
-
-
 async def _create_sale(request: Request, actor: str) -> Response:
     body = await json_object(request, _CREATE_FIELDS)
     request.state.audit_target = body.get("id")
@@ -93,7 +89,7 @@ async def _list_sales(request: Request, actor: str) -> Response:
     rows = await services(request).ledger.fetch(
         "SELECT * FROM sales WHERE id > $1 ORDER BY id LIMIT $2", cursor, limit + 1
     )
-    page = [_jsonable(dict(row)) for row in rows[:limit]]
+    page = [dict(row) for row in rows[:limit]]
     more = len(rows) > limit
     return JSONResponse({"sales": page, "next_cursor": page[-1]["id"] if more else None})
 
