@@ -27,7 +27,7 @@ from engine.sales import change_status
 from engine.settings import Settings
 from tests.conftest import SaleFactory
 from tests.receiver import Receiver
-from workers.deliveries import Dispatcher, dispatch_due
+from workers.deliveries import DISPATCHER, Dispatcher, deliver_events, dispatch_due
 from workers.outbox import drain_sale
 
 ADMIN = "admin-" + "e" * 24
@@ -404,3 +404,21 @@ async def test_in_production_a_url_on_this_machine_or_a_private_network_is_refus
         db, {**body, "url": "http://127.0.0.1:9/hook"}, internal_ok=True
     )
     assert local["url"] == "http://127.0.0.1:9/hook"
+
+
+async def test_no_sale_is_watched_while_nobody_subscribes_to_sale_events(
+    redis: Redis,
+    db: asyncpg.Pool,
+    ledger_sale: SaleFactory,
+    fast: Settings,
+    dispatcher_for: Callable[[Settings], Dispatcher],
+):
+    await ledger_sale()
+    ctx = {"store": redis, "db": db, "settings": fast, DISPATCHER: dispatcher_for(fast)}
+    produced = "SELECT type FROM outbound_events"
+    await deliver_events(ctx)
+    assert await db.fetch(produced) == []  # nobody would receive them
+    body = {"url": "http://127.0.0.1:9/", "event_types": ["sale.opened"]}
+    await subscriptions.create_subscription(db, body, internal_ok=True)
+    await deliver_events(ctx)
+    assert [r["type"] for r in await db.fetch(produced)] == ["sale.opened"]

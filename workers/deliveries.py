@@ -31,7 +31,7 @@ import aiohttp
 import asyncpg
 import orjson
 
-from engine.events import event_body, observe_sale
+from engine.events import SALE_EVENTS, anyone_wants, event_body, observe_sale
 from engine.sales import live_sale_ids
 from engine.settings import Settings
 from engine.subscriptions import signature_header
@@ -226,8 +226,10 @@ async def deliver_events(ctx: dict[str, Any]) -> int:
     with due deliveries for about a second."""
     settings: Settings = ctx["settings"]
     dispatcher: Dispatcher = ctx[DISPATCHER]
-    for sale_id in await live_sale_ids(ctx["store"]):
-        await observe_sale(ctx["db"], ctx["store"], sale_id, settings.stock_low_units)
+    # Each live sale is read every tick only while someone subscribes to sale events.
+    if await anyone_wants(ctx["db"], SALE_EVENTS):
+        for sale_id in await live_sale_ids(ctx["store"]):
+            await observe_sale(ctx["db"], ctx["store"], sale_id, settings.stock_low_units)
     return await dispatch_for(dispatcher, JOB_WINDOW_S)
 
 
