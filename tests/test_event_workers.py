@@ -256,7 +256,11 @@ async def produced_ids(db: asyncpg.Pool) -> set[str]:
 async def test_bad_admin_input_is_a_problem_and_changes_nothing(
     admin: httpx.AsyncClient, method: str, path: str, body: object, status: int, code: str
 ):
+    # One subscription exists, so a handler that touched the wrong row would show.
+    kept = {"url": "http://127.0.0.1:9/kept", "event_types": ["order.paid"]}
+    assert (await admin.post(SUBSCRIPTIONS, json=kept)).status_code == 201
     before = (await admin.get(SUBSCRIPTIONS)).json()
+    assert len(before["subscriptions"]) == 1
     content = body if isinstance(body, bytes) else None
     json = None if isinstance(body, bytes) else body
     answer = await admin.request(method, path, content=content, json=json)
