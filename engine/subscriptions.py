@@ -7,8 +7,8 @@ receiver still holding the old one keeps verifying.
 
 The engine signs with ``hmac`` rather than the ``standardwebhooks`` package: the scheme is a few
 lines, the package signs with one secret per object (a rotation wants two signatures in one
-header), and it would be a runtime dependency for that. Per signature of a 150-byte body: hmac
-1.6 µs, the package 2.8 µs. The suite verifies every delivery with the package.
+header), and it would be a runtime dependency for that. The suite verifies every delivery with
+the package.
 """
 
 from __future__ import annotations

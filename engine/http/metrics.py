@@ -1,11 +1,15 @@
 """Counting requests for Prometheus, and ``GET /metrics``.
 
 The order route carries the storm, so a request never touches prometheus-client: it only adds
-to plain dictionaries of its own process (``RequestMetrics.leave``, under a microsecond), and
-``flush`` moves the sums into the shared metrics once a second and before every scrape. A
-prometheus-client ``inc`` in multiprocess mode writes a memory-mapped file under a lock; three
-of them per order (request, latency, outcome) would cost several percent of the order path
-(``make bench`` reports the engine with this hook beside the engine without it).
+to plain dictionaries of its own process (``RequestMetrics.leave``), and ``flush`` moves the
+sums into the shared metrics once a second and before every scrape. A prometheus-client
+``inc`` in multiprocess mode writes a memory-mapped file under a lock; three of them per order
+(request, latency, outcome) would cost several percent of the order path (``make bench``
+reports the engine with this hook beside the engine without it). What one request costs the
+hook (242 ns on a 2-core machine)::
+
+    python -m timeit -s 'from engine.http.metrics import RequestMetrics; m = RequestMetrics()' \
+        -s 's = {"method": "POST"}' 'm.leave(s, "/v1/sales/{sale_id}/orders", 201, None, 0.003)'
 """
 
 from __future__ import annotations
@@ -47,8 +51,9 @@ class RequestMetrics(RequestHook):
     moves them into the shared metrics, every ``FLUSH_EVERY_S`` while the app runs.
 
     One dictionary entry per (route, method, status, code, replayed) holds the requests' latency
-    bucket counts and their sum: a request costs one lookup, a bisect and two additions (0.3 µs
-    on a 2-core machine, timeit); request counts and order outcomes are worked out at the flush."""
+    bucket counts and their sum: a request costs one lookup, a bisect and two additions (the
+    module's docstring has the timeit line); request counts and order outcomes are worked out
+    at the flush."""
 
     def __init__(self) -> None:
         # (route, method, status, code, replayed) -> [per bucket..., above every bound, seconds]
@@ -125,8 +130,7 @@ async def metrics_route(request: Request) -> Response:
         # Redis away: the counters still answer (a scrape must not fail with the store);
         # the sales' gauges are missing until it is back, which alerting sees as absent.
         stats = []
-    # Adding up every process's files takes milliseconds (8 ms for 8 files of 100 series on a
-    # 2-core machine, tens with more): in a thread, so the orders in flight on this loop are
-    # not held for all of it.
+    # Adding up every process's files is Python work that grows with processes and series: in a
+    # thread, so the orders in flight on this loop are not held for all of it.
     body = await asyncio.to_thread(metrics.render, [metrics.sale_gauges(stats)])
     return Response(body, media_type=metrics.CONTENT_TYPE_LATEST)
