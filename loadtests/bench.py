@@ -38,7 +38,7 @@ import asyncpg
 from redis.asyncio import Redis
 from tqdm import tqdm
 
-from engine.db import connect_postgres, connect_redis, migrate
+from engine.db import connect_postgres, connect_redis, empty_tables, migrate
 from engine.http.auth import mint_tokens
 from engine.invariants import SaleAudit, audit_sale, outbox_backlog, wait_for_ledger
 from engine.inventory import SaleDefinition, reserve
@@ -235,7 +235,7 @@ async def _seed_tokens(settings: Settings, options: BenchOptions, path: Path) ->
 async def _reset(redis: Redis, db: asyncpg.Pool) -> None:
     # The bench owns its --dir: earlier runs' orders would only slow and confuse this one.
     await redis.flushdb()
-    await db.execute("TRUNCATE sales, orders, order_events, payments, webhook_events CASCADE")
+    await empty_tables(db)
     await db.execute("DROP TABLE IF EXISTS orders_baseline, sales_baseline")
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 import asyncpg
 from redis.asyncio import Redis
 
-from engine.db import migrate
+from engine.db import empty_tables, migrate
 from engine.inventory import reserve_many
 from engine.sales import create_sale
 from engine.scripts import load_scripts
@@ -108,10 +108,7 @@ async def _run(base: Path, orders: int, rounds: int) -> None:
     with_events: list[dict[str, float]] = []
     try:
         await redis.flushdb()
-        await db.execute(
-            "TRUNCATE sales, orders, order_events, payments, webhook_events, "
-            "webhook_subscriptions, outbound_events CASCADE"
-        )
+        await empty_tables(db)
         await load_scripts(redis)
         for _ in range(rounds):
             for per_call in RESERVE_BATCHES:

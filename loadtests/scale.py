@@ -35,7 +35,7 @@ from typing import Any
 import asyncpg
 from redis.asyncio import Redis
 
-from engine.db import connect_postgres, connect_redis, migrate
+from engine.db import connect_postgres, connect_redis, empty_tables, migrate
 from engine.errors import ProblemError
 from engine.invariants import audit_sale, outbox_backlog
 from engine.inventory import reserve_many
@@ -326,7 +326,7 @@ async def _scale(options: ScaleOptions) -> dict[str, Any]:
         # worker log would be read as this run's.
         (options.dir / "logs" / "worker.log").unlink(missing_ok=True)
         await redis.flushdb()
-        await db.execute("TRUNCATE sales, orders, order_events, payments, webhook_events CASCADE")
+        await empty_tables(db)
         await load_scripts(redis)
         await create_sale(db, redis, bench_sale(sale_id, options.orders, limit))
         worker = Worker(settings, options.jobs, options.dir / "logs" / "worker.log")

@@ -22,7 +22,7 @@ import pytest
 import stripe
 from redis.asyncio import Redis
 
-from engine.db import connect_postgres, connect_redis, migrate
+from engine.db import connect_postgres, connect_redis, empty_tables, migrate
 from engine.http.app import create_app
 from engine.inventory import SaleDefinition, load_sale
 from engine.payments import (
@@ -134,10 +134,7 @@ async def redis(settings: Settings) -> AsyncIterator[Redis]:
 @pytest.fixture
 async def db(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     pool = await connect_postgres(settings, min_size=1, max_size=8)
-    await pool.execute(
-        "TRUNCATE sales, orders, order_events, payments, webhook_events, webhook_subscriptions,"
-        " outbound_events CASCADE"
-    )
+    await empty_tables(pool)
     yield pool
     await pool.close()
 
