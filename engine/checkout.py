@@ -90,7 +90,6 @@ async def end_hold_with_intent(
     not know (keys switched, test data gone) cannot bring money, so the hold ends. Returns the
     order's resulting state. ``GatewayUnavailable`` passes through: the hold stays until the
     gateway answers."""
-    failed = payment_failed and state == "failed"
     try:
         intent = await gateway.cancel_intent(intent_id)
     except GatewayRefused as exc:
@@ -101,9 +100,10 @@ async def end_hold_with_intent(
             intent_id,
             exc,
         )
-        return (await inventory.release(redis, sale_id, order_id, state, None, failed)).state
-    if intent.status == "succeeded":
-        return (await inventory.confirm(redis, sale_id, order_id, intent_id)).state
-    if intent.status == "processing":
-        return "reserved"
-    return (await inventory.release(redis, sale_id, order_id, state, None, failed)).state
+    else:
+        if intent.status == "succeeded":
+            return (await inventory.confirm(redis, sale_id, order_id, intent_id)).state
+        if intent.status == "processing":
+            return "reserved"
+    ended = await inventory.release(redis, sale_id, order_id, state, None, payment_failed)
+    return ended.state

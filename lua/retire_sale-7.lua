@@ -35,7 +35,7 @@ for i = 2, 5 do
     return {-13}
   end
 end
-if rcall('EXISTS', KEYS[6]) == 1 and rcall('XLEN', KEYS[6]) > 0 then
+if rcall('XLEN', KEYS[6]) > 0 then
   return {-13}
 end
 rcall('SREM', KEYS[7], ARGV[1])

@@ -335,6 +335,8 @@ async def admin_routes(
         await send("POST", f"{order}/{verb}", f"/v1/admin/orders/nope/{verb}", 404, headers=admin)
         url = f"/v1/admin/orders/{failed}/{verb}"
         await send("POST", f"{order}/{verb}", url, 409, headers=admin)
+    refund_url = f"/v1/admin/orders/{failed}/refund?restock=yes"
+    await send("POST", f"{order}/refund", refund_url, 422, headers=admin)  # not a silent false
     events = "/v1/admin/stripe-events"
     await send("GET", events, events, 200, headers=admin)
     await send("GET", events, events + "?pending=maybe", 422, headers=admin)

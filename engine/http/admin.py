@@ -8,6 +8,7 @@ from starlette.responses import Response
 
 from engine import inventory
 from engine.http.adminauth import admin_action, require_scope
+from engine.http.adminbodies import query_flag
 from engine.http.bodies import JSONResponse
 from engine.http.context import order_ids, services
 
@@ -16,7 +17,7 @@ __all__ = ["refund_order", "require_scope"]
 
 async def _refund_order(request: Request, actor: str) -> Response:
     sale_id, order_id = order_ids(request)
-    restock = request.query_params.get("restock", "false") == "true"
+    restock = query_flag(request, "restock", False)
     request.state.audit_detail = {"restock": restock}
     result = await inventory.refund(services(request).store, sale_id, order_id, "request", restock)
     # The refund at Stripe is made by a worker (or `flashsale order refund`); 202 says so.

@@ -22,6 +22,7 @@ __all__ = [
     "page_cursor",
     "page_limit",
     "positive_int",
+    "query_flag",
     "time_ms",
 ]
 
@@ -64,6 +65,16 @@ def has_nul(value: Any) -> bool:
     if isinstance(value, list):
         return any(has_nul(v) for v in value)
     return False
+
+
+def query_flag(request: Request, name: str, default: bool) -> bool:
+    """A true/false query parameter; anything else is 422 rather than a silent false."""
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    if raw not in ("true", "false"):
+        raise Unprocessable("invalid-query", f"{name} must be true or false")
+    return raw == "true"
 
 
 def page_cursor(request: Request) -> str:

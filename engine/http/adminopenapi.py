@@ -265,7 +265,7 @@ def admin_paths(
                 "refunds:write",
                 "202",
                 "Refund pending",
-                ("order-not-found", "order-not-refundable"),
+                ("order-not-found", "order-not-refundable", "invalid-query"),
                 parameters=[order_id, restock],
             )
         },

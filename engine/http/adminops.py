@@ -14,7 +14,7 @@ from starlette.responses import Response
 from engine import inventory, webhooks
 from engine.errors import NotFound, Unavailable, Unprocessable
 from engine.http.adminauth import admin_action
-from engine.http.adminbodies import page_limit
+from engine.http.adminbodies import page_limit, query_flag
 from engine.http.bodies import JSONResponse
 from engine.http.context import sale_id, services
 from engine.keys import sale_keys
@@ -27,22 +27,13 @@ __all__ = ["apply_stripe_event", "last_reconcile", "list_stripe_events", "run_re
 REPORT_TTL_S = 7 * 86_400
 
 
-def _flag(request: Request, name: str, default: bool) -> bool:
-    raw = request.query_params.get(name)
-    if raw is None:
-        return default
-    if raw not in ("true", "false"):
-        raise Unprocessable("invalid-query", f"{name} must be true or false")
-    return raw == "true"
-
-
 async def _run_reconcile(request: Request, actor: str) -> Response:
     """Compare the sale across Redis, the ledger and the gateway (everything with ``full``, else
     what changed at the gateway since its cursor), repair with ``repair``, and keep the report."""
     sale = sale_id(request)
     # The cursor comparison by default: the whole sweep reads every intent at the gateway, at
     # the shoppers' priority, and is for audits (full=true) of a sale that is over.
-    full, repair = _flag(request, "full", False), _flag(request, "repair", False)
+    full, repair = query_flag(request, "full", False), query_flag(request, "repair", False)
     found = services(request)
     if await inventory.read_sale(found.store, sale) is None:
         raise NotFound("sale-not-found", f"there is no sale {sale!r} in Redis")
@@ -83,7 +74,7 @@ async def _last_reconcile(request: Request, actor: str) -> Response:
 
 async def _list_stripe_events(request: Request, actor: str) -> Response:
     """Stored events, newest first, a page at a time; ``pending=true``: only those not applied."""
-    pending = _flag(request, "pending", False)
+    pending = query_flag(request, "pending", False)
     cursor = request.query_params.get("cursor")
     limit = page_limit(request)
     # The cursor is the last page's last event: received_at then id, so a page boundary inside
