@@ -10,14 +10,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from engine import inventory
-from engine.errors import Conflict, NotFound, Unprocessable
+from engine.errors import NotFound, Unprocessable
+from engine.http import orders
 from engine.http.adminauth import admin_action
 from engine.http.adminbodies import page_cursor, page_limit
 from engine.http.bodies import JSONResponse, stored_order_body
 from engine.http.context import order_ids, services
 from engine.ids import is_sale_id, is_user_id
 from engine.inventory import ORDER_STATES
-from engine.scripts import Code
 
 __all__ = ["cancel_order", "search_orders", "show_order"]
 
@@ -88,18 +88,7 @@ async def _show_order(request: Request, actor: str) -> Response:
 
 async def _cancel_order(request: Request, actor: str) -> Response:
     """End a live hold as cancelled, whoever's it is (again: the same answer)."""
-    sale, order_id = order_ids(request)
-    store = services(request).store
-    result = await inventory.release(store, sale, order_id, "cancelled")
-    if result.code is Code.ALREADY_FINAL and result.state != "cancelled":
-        raise Conflict(
-            "order-not-cancellable",
-            f"the order is {result.state} and can no longer be cancelled",
-            state=result.state,
-        )
-    order = await inventory.read_order(store, sale, order_id)
-    assert order is not None  # orders are never deleted while their sale is live
-    return JSONResponse(stored_order_body(order, sale))
+    return await orders.cancelled(request, None)
 
 
 search_orders = admin_action("order.search", "orders:read", _search_orders)

@@ -11,7 +11,7 @@ from engine.http.bodies import JSONResponse, stored_order_body
 from engine.http.context import order_ids, services
 from engine.scripts import Code
 
-__all__ = ["cancel_order", "get_order", "pay_order"]
+__all__ = ["cancel_order", "cancelled", "get_order", "pay_order"]
 
 
 async def get_order(request: Request) -> Response:
@@ -29,15 +29,22 @@ async def get_order(request: Request) -> Response:
 async def cancel_order(request: Request) -> Response:
     found = services(request)
     user = found.verifier.user_of(request.headers.get("authorization"))
+    return await cancelled(request, user)
+
+
+async def cancelled(request: Request, owner: str | None) -> Response:
+    """End the path's order as cancelled (``owner``: only if it is theirs; None: anyone's, for
+    an admin) and answer it; cancelling again answers the same."""
+    store = services(request).store
     sale_id, order_id = order_ids(request)
-    result = await inventory.release(found.store, sale_id, order_id, "cancelled", user)
+    result = await inventory.release(store, sale_id, order_id, "cancelled", owner)
     if result.code is Code.ALREADY_FINAL and result.state != "cancelled":
         raise Conflict(
             "order-not-cancellable",
             f"the order is {result.state} and can no longer be cancelled",
             state=result.state,
         )
-    order = await inventory.read_order(found.store, sale_id, order_id)
+    order = await inventory.read_order(store, sale_id, order_id)
     assert order is not None  # orders are never deleted while their sale is live
     return JSONResponse(stored_order_body(order, sale_id))
 
