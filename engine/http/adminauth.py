@@ -20,7 +20,6 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
-import jwt
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -47,18 +46,7 @@ def _key_cache(request: Request) -> KeyCache:
 
 def _roles_of(request: Request, token: str) -> tuple[str, list[str]]:
     """The subject and roles of an admin's JWT, verified as shoppers' tokens are."""
-    settings = services(request).settings
-    try:
-        claims: dict[str, Any] = jwt.decode(
-            token,
-            settings.jwt_verify_key,
-            algorithms=[settings.jwt_algorithm],
-            audience=settings.jwt_audience,
-            issuer=settings.jwt_issuer,
-            options={"require": ["sub", "exp", "iss", "aud"]},
-        )
-    except jwt.InvalidTokenError as exc:
-        raise Unauthorized(f"invalid token: {exc}") from None
+    claims = services(request).verifier.claims_of(token)
     roles = claims.get("roles", [])
     if not isinstance(roles, list) or not all(isinstance(role, str) for role in roles):
         raise Unauthorized("the token's roles claim must be a list of strings")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 import jwt
 
@@ -42,8 +43,20 @@ class TokenVerifier:
             if time.time() < expires:
                 return user
             del self._cache[token]
+        claims = self.claims_of(token)
+        user = claims["sub"]
+        if not isinstance(user, str) or not is_user_id(user):
+            raise Unauthorized("the token's subject is not a valid user id")
+        if len(self._cache) >= _CACHE_LIMIT:
+            self._cache.clear()
+        self._cache[token] = (user, float(claims["exp"]))
+        return user
+
+    def claims_of(self, token: str) -> dict[str, Any]:
+        """The verified claims of a token (pinned algorithm, issuer, audience, expiry), or
+        Unauthorized: shoppers' tokens and admins' alike."""
         try:
-            claims = jwt.decode(
+            claims: dict[str, Any] = jwt.decode(
                 token,
                 self._key,
                 algorithms=self._algorithms,
@@ -53,13 +66,7 @@ class TokenVerifier:
             )
         except jwt.InvalidTokenError as exc:
             raise Unauthorized(f"invalid token: {exc}") from None
-        user = claims["sub"]
-        if not isinstance(user, str) or not is_user_id(user):
-            raise Unauthorized("the token's subject is not a valid user id")
-        if len(self._cache) >= _CACHE_LIMIT:
-            self._cache.clear()
-        self._cache[token] = (user, float(claims["exp"]))
-        return user
+        return claims
 
 
 def _signing_key(settings: Settings) -> str:
