@@ -252,3 +252,40 @@ async def test_a_restock_is_seen_at_once_by_the_sold_out_memory(
             assert await order(c, "third") == 201
             assert await order(c, "fourth") == 201
             assert await order(c, "fifth") == 409
+
+
+async def test_order_search_filters_and_pages(
+    client: httpx.AsyncClient, redis: Redis, db: asyncpg.Pool, ledger_sale: SaleFactory
+):
+    one, two = await ledger_sale(stock=20), await ledger_sale(stock=20)
+    placed: dict[tuple[str, str], str] = {}
+    for sale in (one, two):
+        for user in ("ann", "bob"):
+            for k in range(2):
+                hold = await inventory.reserve(redis, sale.id, user, 1, f"k{k}")
+                placed[(sale.id, f"{user}{k}")] = hold.order_id
+    cancelled = placed[(one.id, "bob1")]
+    await inventory.release(redis, one.id, cancelled, "cancelled")
+    for sale in (one, two):
+        await drain_sale(redis, db, sale.id, "c", batch=100, claim_idle_ms=60_000)
+    reader = await key(db, "orders:read")
+
+    async def search(query: str) -> list[str]:
+        ids: list[str] = []
+        cursor = ""
+        while True:  # two a page, so the cursor is followed too
+            page = await client.get(
+                f"/v1/admin/orders?{query}&limit=2&cursor={cursor}", headers=reader
+            )
+            assert page.status_code == 200, page.text
+            ids += [order["id"] for order in page.json()["orders"]]
+            if page.json()["next_cursor"] is None:
+                return ids
+            cursor = page.json()["next_cursor"]
+
+    in_one = sorted(v for (s, _), v in placed.items() if s == one.id)
+    assert await search(f"sale_id={one.id}") == in_one
+    anns = sorted(v for (_, who), v in placed.items() if who.startswith("ann"))
+    assert await search("user_id=ann") == anns
+    assert await search(f"sale_id={one.id}&state=cancelled") == [cancelled]
+    assert await search("user_id=bob&state=cancelled") == [cancelled]
