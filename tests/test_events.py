@@ -28,6 +28,7 @@ from engine.settings import Settings
 from tests.conftest import SaleFactory
 from tests.receiver import Receiver
 from workers.deliveries import DISPATCHER, Dispatcher, deliver_events, dispatch_due
+from workers.heartbeats import HEALTH, WorkerHealth
 from workers.outbox import drain_sale
 
 ADMIN = "admin-" + "e" * 24
@@ -414,7 +415,13 @@ async def test_no_sale_is_watched_while_nobody_subscribes_to_sale_events(
     dispatcher_for: Callable[[Settings], Dispatcher],
 ):
     await ledger_sale()
-    ctx = {"store": redis, "db": db, "settings": fast, DISPATCHER: dispatcher_for(fast)}
+    ctx = {
+        "store": redis,
+        "db": db,
+        "settings": fast,
+        DISPATCHER: dispatcher_for(fast),
+        HEALTH: WorkerHealth(),
+    }
     produced = "SELECT type FROM outbound_events"
     await deliver_events(ctx)
     assert await db.fetch(produced) == []  # nobody would receive them

@@ -31,7 +31,6 @@ from engine.payments import make_gateway
 from engine.sales import live_sale_ids
 from engine.scripts import load_scripts
 from engine.settings import Settings
-from workers.deliveries import DISPATCHER, Dispatcher
 from workers.heartbeats import HEALTH, STORES_LOST, WorkerHealth
 
 __all__ = [
@@ -93,16 +92,11 @@ async def startup(ctx: dict[str, Any]) -> None:
     # do not pile up in arq's slots until its job timeout.
     ctx["db"] = await connect_postgres(settings, 0, 4, deadline_s=STORE_DEADLINE_S)
     ctx["drain_db"] = await connect_postgres(settings, 0, 2, deadline_s=STORE_DEADLINE_S)
-    # Deliveries to subscribers run in the background of the process (workers.deliveries).
-    ctx[DISPATCHER] = Dispatcher(settings, ctx["db"])
     await load_scripts(ctx["store"])
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
     """Close what ``startup`` opened (as far as it got: a start-up can fail half way)."""
-    if DISPATCHER in ctx:
-        # Deliveries cut short are sent again when their lease runs out, with the same id.
-        await ctx[DISPATCHER].aclose()
     for name in ("gateway", "store", "drain_store"):
         if name in ctx:
             await ctx[name].aclose()

@@ -31,11 +31,12 @@ import aiohttp
 import asyncpg
 import orjson
 
+from engine.db import connect_postgres
 from engine.events import SALE_EVENTS, anyone_wants, event_body, observe_sale
-from engine.sales import live_sale_ids
 from engine.settings import Settings
 from engine.subscriptions import signature_header
 from workers.attempts import Outcome, record_outcome
+from workers.context import JOB_WINDOW_S, STORE_DEADLINE_S, each_sale
 
 __all__ = [
     "DISPATCHER",
@@ -48,15 +49,14 @@ __all__ = [
 
 log = logging.getLogger("flashsale.deliveries")
 
-# The ctx key of the process's Dispatcher (made in workers.context.startup).
+# The ctx key of the process's Dispatcher (made by start_dispatcher).
 DISPATCHER = "deliveries"
 # Beyond the request's own timeout, before another worker may send a claimed delivery again:
 # time to record the outcome. Should recording outlast it, the delivery is sent twice (at least
 # once allows it) and the stale outcome is ignored (record_outcome matches the attempt).
 LEASE_MARGIN_S = 5
-# How long one job keeps starting deliveries (the next tick's job then takes over), and how
-# often it looks for newly due ones while none of its deliveries finishes.
-JOB_WINDOW_S = 0.9
+# How often the job looks for newly due deliveries while none of its deliveries finishes (it
+# keeps starting them for the window every job has, ``workers.context.JOB_WINDOW_S``).
 IDLE_LOOK_S = 0.2
 
 _CLAIM = """
@@ -226,11 +226,33 @@ async def deliver_events(ctx: dict[str, Any]) -> int:
     with due deliveries for about a second."""
     settings: Settings = ctx["settings"]
     dispatcher: Dispatcher = ctx[DISPATCHER]
-    # Each live sale is read every tick only while someone subscribes to sale events.
+    # Each live sale is read every tick only while someone subscribes to sale events; one sale
+    # that fails is that sale's outage (each_sale), the deliveries go on.
     if await anyone_wants(ctx["db"], SALE_EVENTS):
-        for sale_id in await live_sale_ids(ctx["store"]):
+
+        async def observe(sale_id: str) -> int:
             await observe_sale(ctx["db"], ctx["store"], sale_id, settings.stock_low_units)
+            return 0
+
+        await each_sale(ctx, "observe", observe)
     return await dispatch_for(dispatcher, JOB_WINDOW_S)
+
+
+async def start_dispatcher(ctx: dict[str, Any]) -> None:
+    """Part of the worker's start-up: the process's Dispatcher, on a pool of its own, so
+    deliveries recording their outcomes never take the connections the other jobs need."""
+    settings: Settings = ctx["settings"]
+    ctx["delivery_db"] = await connect_postgres(settings, 0, 4, deadline_s=STORE_DEADLINE_S)
+    ctx[DISPATCHER] = Dispatcher(settings, ctx["delivery_db"])
+
+
+async def stop_dispatcher(ctx: dict[str, Any]) -> None:
+    """Part of the worker's shutdown (as far as start-up got)."""
+    if DISPATCHER in ctx:
+        # Deliveries cut short are sent again when their lease runs out, with the same id.
+        await ctx[DISPATCHER].aclose()
+    if "delivery_db" in ctx:
+        await ctx["delivery_db"].close()
 
 
 async def dispatch_for(dispatcher: Dispatcher, window_s: float) -> int:

@@ -28,7 +28,7 @@ from typing import Any
 from arq import cron
 
 from workers.context import shutdown, startup
-from workers.deliveries import deliver_events
+from workers.deliveries import deliver_events, start_dispatcher, stop_dispatcher
 from workers.heartbeats import recorded
 from workers.holds import expire_holds
 from workers.outbox import drain_outboxes
@@ -49,6 +49,17 @@ PERIODS_S: dict[str, float] = {
     "deliver_events": 1,
     "retire_sales": 60,
 }
+
+
+async def on_start(ctx: dict[str, Any]) -> None:
+    await startup(ctx)
+    # Deliveries to subscribers run in the background of the process (workers.deliveries).
+    await start_dispatcher(ctx)
+
+
+async def on_stop(ctx: dict[str, Any]) -> None:
+    await stop_dispatcher(ctx)
+    await shutdown(ctx)
 
 
 class WorkerSettings:
@@ -75,8 +86,8 @@ class WorkerSettings:
             timeout=30,
         ),
     ]
-    on_startup = startup
-    on_shutdown = shutdown
+    on_startup = on_start
+    on_shutdown = on_stop
     poll_delay = 0.1
     max_jobs = 8
     handle_signals = True
