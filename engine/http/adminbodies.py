@@ -117,12 +117,11 @@ def time_ms(body: dict[str, Any], name: str) -> int:
     )
 
 
-def page_limit(request: Request, maximum: int = MAX_PAGE, code: str = "invalid-query") -> int:
-    """The ``limit`` query parameter: rows a page shows, 1 to ``maximum``; else 422 ``code``."""
+def page_limit(request: Request) -> int:
     raw = request.query_params.get("limit")
     if raw is None:
         return DEFAULT_PAGE
     # isdecimal alone takes '²' and 5,000 digits (int() then raises): ASCII, a few digits.
-    if not (raw.isascii() and raw.isdigit() and len(raw) <= 4) or not 1 <= int(raw) <= maximum:
-        raise Unprocessable(code, f"limit must be an integer from 1 to {maximum}")
+    if not (raw.isascii() and raw.isdigit() and len(raw) <= 4) or not 1 <= int(raw) <= MAX_PAGE:
+        raise Unprocessable("invalid-query", f"limit must be an integer from 1 to {MAX_PAGE}")
     return int(raw)

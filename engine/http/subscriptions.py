@@ -12,7 +12,7 @@ from starlette.responses import Response
 from engine import subscriptions
 from engine.errors import Unprocessable
 from engine.http.adminauth import admin_action
-from engine.http.adminbodies import json_object, page_limit
+from engine.http.adminbodies import json_object
 from engine.http.bodies import JSONResponse
 from engine.http.context import services
 
@@ -93,9 +93,14 @@ async def _list_deliveries(request: Request, actor: str) -> Response:
             "invalid-parameter",
             f"state must be one of {', '.join(subscriptions.DELIVERY_STATES)}",
         )
-    limit = page_limit(request, MAX_DELIVERIES_PAGE, "invalid-parameter")
+    raw_limit = request.query_params.get("limit", "50")
+    digits = raw_limit.isascii() and raw_limit.isdigit() and len(raw_limit) <= 4
+    if not digits or not 1 <= int(raw_limit) <= MAX_DELIVERIES_PAGE:
+        raise Unprocessable(
+            "invalid-parameter", f"limit must be an integer from 1 to {MAX_DELIVERIES_PAGE}"
+        )
     found = await subscriptions.list_deliveries(
-        services(request).ledger, _subscription_id(request), state, limit
+        services(request).ledger, _subscription_id(request), state, int(raw_limit)
     )
     return JSONResponse({"deliveries": found})
 
