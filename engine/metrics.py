@@ -158,8 +158,6 @@ def render(extra: Iterable[Collector] = ()) -> bytes:
         MultiProcessCollector(registry, str(folder))  # type: ignore[no-untyped-call]
     else:
         registry = REGISTRY  # this process's own metrics
-    if not extra:
-        return generate_latest(registry)
     combined = CollectorRegistry()
     combined.register(_Fixed(list(registry.collect())))
     for collector in extra:
